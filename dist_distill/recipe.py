@@ -1,0 +1,366 @@
+"""Typed recipes: one YAML file describes a whole distillation run.
+
+A recipe is a tree of dataclasses. Each field carries a docstring (the string literal
+under it) that says what it holds and in which unit. YAML is loaded strictly: unknown
+keys, wrong types and contradictory settings raise :class:`RecipeError`, whose message
+names the dotted key and what is allowed. Command lines override any field with
+``--set section.key=value`` (the value is parsed as YAML: ``3e-5``, ``true``, ``[0.9, 0.95]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+from .errors import UserError
+
+
+class RecipeError(UserError):
+    """A recipe that cannot be used as written; the message names the key to change."""
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from and how it is loaded."""
+
+    name_or_path: str = ""
+    """Hugging Face hub name or local directory holding config.json and safetensors weights."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit); ignored for local directories."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype when loading. "auto": bfloat16 on a CUDA device that supports it, else float32."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """Attention kernel. "auto": flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off unless the recipe needs it."""
+
+
+@dataclass
+class DataSpec:
+    """The token stream: prompt/answer records from a local file or a hub dataset."""
+
+    train: str = ""
+    """Training data: a local .jsonl/.json/.parquet/.arrow file, or a hub dataset name."""
+    eval: Optional[str] = None
+    """Held-out data in the same format (scored by `dd-evaluate`)."""
+    split: str = "train"
+    """Split to read from a hub dataset (local files always give "train")."""
+    prompt_field: str = "prompt"
+    """Record field holding the prompt; its tokens are context and carry no loss."""
+    answer_field: str = "answer"
+    """Record field holding the answer; its tokens (and EOS) are the training targets."""
+    max_seq_len: int = 32
+    """Tokens per sample after padding (prompt + answer + EOS must fit; longer records are refused)."""
+    max_samples: Optional[int] = None
+    """Use only the first N records of the training data (None: all)."""
+
+
+@dataclass
+class TeacherSourceSpec:
+    """Where the teacher's per-token signal comes from during training."""
+
+    kind: Literal["cache", "none"] = "cache"
+    """"cache": a top-k logit cache built by `dd-cache`; "none": no teacher (hard labels only)."""
+    cache_dir: Optional[str] = None
+    """Directory of the teacher cache (required when kind is "cache")."""
+    top_k: int = 16
+    """Teacher logits kept per token when building the cache."""
+    batch_size: int = 32
+    """Samples per teacher forward pass when building the cache."""
+
+
+@dataclass
+class LossSpec:
+    """The distillation objective: a divergence on the teacher's top-k mixed with hard-label CE."""
+
+    kind: Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"] = "fkl"
+    """Divergence between teacher p_T and student q_T (fkl = KL(p_T || q_T))."""
+    temperature: float = 1.0
+    """Softmax temperature T applied to teacher and student logits (> 0)."""
+    scale_by_t2: bool = True
+    """Multiply the divergence by T^2 so its gradient scale does not shrink as T grows."""
+    ce_weight: float = 0.0
+    """Weight of hard-label cross-entropy: loss = (1 - ce_weight) * divergence + ce_weight * CE."""
+    tail: Literal["renorm", "bucket"] = "renorm"
+    """Treatment of the teacher mass outside its top-k: renormalise over top-k, or one tail bucket."""
+    beta: float = 0.5
+    """Teacher weight in the JSD mixture (kind "jsd")."""
+    skew_alpha: float = 0.1
+    """Skew of DistiLLM's skew KL (kinds "skew_fkl", "skew_rkl")."""
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with linear warmup and cosine decay to a floor."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay as a fraction of `lr`."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    max_steps: int = 100
+    """Optimizer steps in the run."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+
+
+@dataclass
+class DeepSpeedSpec:
+    """The DeepSpeed engine that shards the student."""
+
+    zero_stage: int = 3
+    """ZeRO stage (3 partitions parameters, gradients and optimizer state)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Training precision. "auto": bf16 on CUDA devices that support it, else fp32."""
+    config: Optional[str] = None
+    """Optional DeepSpeed JSON whose keys override the ones generated from this recipe."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend. "auto": nccl on CUDA, gloo on CPU."""
+
+
+@dataclass
+class OutputSpec:
+    """Where results go and how often."""
+
+    dir: str = "runs/default"
+    """Output directory: recipe.yaml, checkpoints/, tensorboard/, model/ (exported student)."""
+    log_every: int = 10
+    """Optimizer steps between TensorBoard/log records."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    export: bool = True
+    """Write the trained student as a Hugging Face directory (safetensors) in `dir`/model."""
+
+
+@dataclass
+class Recipe:
+    """A whole run: models, data, teacher signal, loss, optimisation, engine and outputs."""
+
+    student: ModelSpec = field(default_factory=ModelSpec)
+    """The model being trained."""
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    """The model distilled from (used by `dd-cache`; may be empty when no teacher is used)."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """Training and held-out data."""
+    teacher_source: TeacherSourceSpec = field(default_factory=TeacherSourceSpec)
+    """Where the teacher signal comes from during training."""
+    loss: LossSpec = field(default_factory=LossSpec)
+    """The objective."""
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    """Optimizer and schedule."""
+    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
+    """Engine settings."""
+    output: OutputSpec = field(default_factory=OutputSpec)
+    """Outputs."""
+    seed: int = 1234
+    """Seed for python, numpy and torch on every rank."""
+
+    def validate(self) -> "Recipe":
+        """Refuse contradictory settings; returns self. Raises RecipeError naming the keys."""
+        _check(self.student.name_or_path != "", "student.name_or_path is empty: give a hub name or a local model directory")
+        _check(self.data.train != "", "data.train is empty: give a .jsonl/.parquet file or a hub dataset name")
+        _check(self.data.max_seq_len >= 2, f"data.max_seq_len={self.data.max_seq_len}: must be at least 2")
+        lo = self.loss
+        _check(lo.temperature > 0, f"loss.temperature={lo.temperature}: must be > 0")
+        _check(0.0 <= lo.ce_weight <= 1.0, f"loss.ce_weight={lo.ce_weight}: must lie in [0, 1]")
+        _check(0.0 <= lo.beta <= 1.0, f"loss.beta={lo.beta}: must lie in [0, 1]")
+        _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha={lo.skew_alpha}: must lie in [0, 1)")
+        ts = self.teacher_source
+        if ts.kind == "none":
+            _check(lo.ce_weight == 1.0, f"loss.ce_weight={lo.ce_weight} needs a teacher, but teacher_source.kind=none: "
+                   "set teacher_source.kind=cache (with teacher_source.cache_dir) or loss.ce_weight=1.0")
+        else:
+            _check(ts.cache_dir is not None, "teacher_source.kind=cache needs teacher_source.cache_dir")
+        _check(ts.top_k >= 1, f"teacher_source.top_k={ts.top_k}: must be >= 1")
+        op = self.optim
+        _check(op.lr > 0, f"optim.lr={op.lr}: must be > 0")
+        _check(op.max_steps >= 1, f"optim.max_steps={op.max_steps}: must be >= 1")
+        _check(0 <= op.warmup_steps < op.max_steps,
+               f"optim.warmup_steps={op.warmup_steps} must be >= 0 and below optim.max_steps={op.max_steps}")
+        _check(0.0 <= op.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={op.min_lr_ratio}: must lie in [0, 1]")
+        _check(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas),
+               f"optim.betas={op.betas}: expected two numbers in [0, 1)")
+        _check(op.micro_batch_size >= 1, f"optim.micro_batch_size={op.micro_batch_size}: must be >= 1")
+        _check(op.grad_accum >= 1, f"optim.grad_accum={op.grad_accum}: must be >= 1")
+        _check(op.grad_clip >= 0, f"optim.grad_clip={op.grad_clip}: must be >= 0 (0 disables clipping)")
+        _check(self.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={self.deepspeed.zero_stage}: allowed 0, 1, 2, 3")
+        _check(self.output.log_every >= 1, f"output.log_every={self.output.log_every}: must be >= 1")
+        _check(self.output.save_every >= 0, f"output.save_every={self.output.save_every}: must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain YAML-serialisable data."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved recipe as YAML (atomically: temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise RecipeError(message)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, str '3e-5' -> float)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise RecipeError(f"{key}={value!r}: expected {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}={value!r}: expected {_type_name(tp)}")
+        return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}={value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported recipe annotation {tp!r} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise RecipeError(f"unknown key {prefix}{unknown[0]}: allowed keys in {prefix.rstrip('.') or 'the recipe'} are "
+                          + ", ".join(names))
+    values = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected the form section.key=value, e.g. optim.lr=3e-5")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted override in the nested dict `data` (in place; returns it)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load, override, type-check and validate a recipe. Raises RecipeError with the key at fault."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file {path}: expected a mapping of sections at the top level")
+    apply_overrides(data, overrides or [])
+    return _build(Recipe, data).validate()
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> attribute docstring of a recipe dataclass (read from its source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def describe_recipe() -> str:
+    """Every recipe key with its type and docstring, for ``--help-recipe``."""
+    lines = []
+    for top in dataclasses.fields(Recipe):
+        hints = typing.get_type_hints(Recipe)
+        tp = hints[top.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{top.name}:  {tp.__doc__.splitlines()[0]}")
+            sub_hints = typing.get_type_hints(tp)
+            for name, doc in field_docs(tp).items():
+                lines.append(f"  {top.name}.{name} ({_type_name(sub_hints[name])}): {doc}")
+        else:
+            lines.append(f"{top.name} ({_type_name(tp)}): {field_docs(Recipe).get(top.name, '')}")
+    return "\n".join(lines)

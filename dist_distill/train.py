@@ -1,0 +1,312 @@
+"""Train a student under DeepSpeed (ZeRO-3 by default) from a recipe.
+
+Launch with torchrun or the deepspeed launcher, e.g.::
+
+    torchrun --nproc_per_node 2 -m dist_distill.train configs/tiny/distill.yaml
+    deepspeed --num_gpus 8 -m dist_distill.train configs/r1_to_qwen1.5b.yaml --set optim.lr=3e-5
+
+Life cycle (one readable path): setup -> [load_checkpoint] -> train -> save_checkpoint ->
+export -> cleanup. Outputs under ``output.dir``: recipe.yaml (the resolved recipe),
+metrics.jsonl, tensorboard/, checkpoints/step-N/ (DeepSpeed), model/ (HF safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError, run_cli
+from .recipe import Recipe, describe_recipe, load_recipe
+
+
+def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+    """The DeepSpeed JSON generated from the recipe, with `deepspeed.config` keys merged on top."""
+    op, ds = recipe.optim, recipe.deepspeed
+    precision = ds.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    config = {
+        "train_micro_batch_size_per_gpu": op.micro_batch_size,
+        "gradient_accumulation_steps": op.grad_accum,
+        "train_batch_size": op.micro_batch_size * op.grad_accum * world_size,
+        "gradient_clipping": op.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": op.lr, "betas": list(op.betas), "eps": 1e-8,
+                                                  "weight_decay": op.weight_decay, "torch_adam": True}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if ds.config:
+        path = Path(ds.config)
+        if not path.is_file():
+            raise UserError(f"deepspeed.config={ds.config}: no such DeepSpeed JSON file")
+        _deep_update(config, json.loads(path.read_text()))
+    return config
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+class StepSampler:
+    """Which samples each rank reads at each optimizer step; a pure function of (seed, step).
+
+    Samples are drawn from an endless stream of per-epoch permutations. Step s consumes
+    global slots [s*G, (s+1)*G), G = world * grad_accum * micro_batch; slot
+    (m * world + r) * micro_batch + j goes to rank r, micro-batch m. The same step therefore
+    covers the same samples whatever the split into ranks and micro-batches, and resuming
+    at step s needs nothing but s.
+    """
+
+    def __init__(self, num_samples: int, micro_batch: int, grad_accum: int, world: int, rank: int, seed: int):
+        self.n, self.mb, self.ga, self.world, self.rank, self.seed = num_samples, micro_batch, grad_accum, world, rank, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _sample(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][position % self.n])
+
+    def step_indices(self, step: int) -> list[torch.Tensor]:
+        """Sample indices of this rank's micro-batches at optimizer step `step`: grad_accum x int64 [micro_batch]."""
+        base = step * self.world * self.ga * self.mb
+        return [torch.tensor([self._sample(base + (m * self.world + self.rank) * self.mb + j) for j in range(self.mb)])
+                for m in range(self.ga)]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the engine, data, teacher signal and outputs of one training run."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.out = Path(recipe.output.dir)
+        self.step = 0
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import deepspeed
+
+        from .cache import TeacherCache
+        from .data import load_tokenized
+        from .distributed import default_backend
+        from .models import load_model, load_tokenizer, tokenizer_fingerprint
+
+        r = self.recipe
+        backend = default_backend() if r.deepspeed.dist_backend == "auto" else r.deepspeed.dist_backend
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        seed_everything(r.seed + self.rank)
+        self.tokenizer = load_tokenizer(r.student, "student")
+        self.vocab_size = len(self.tokenizer)
+        self.data = load_tokenized(r.data.train, self.tokenizer, r.data, r.data.max_samples)
+        self.cache = None
+        if r.teacher_source.kind == "cache":
+            self.cache = TeacherCache(r.teacher_source.cache_dir)
+            want = {"tokenizer_sha256": tokenizer_fingerprint(self.tokenizer), "seq_len": r.data.max_seq_len,
+                    "vocab_size": self.vocab_size, "dataset": {"token_ids_sha256": self.data.fingerprint},
+                    "k": r.teacher_source.top_k}
+            self.cache.check_matches(want)
+        self.ds_config = deepspeed_config(r, self.world)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay alive: from_pretrained then uses zero.Init
+        model = load_model(r.student, "student")
+        if model.config.vocab_size < self.vocab_size:
+            raise UserError(f"student vocab_size={model.config.vocab_size} is smaller than its tokenizer's {self.vocab_size}")
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config,
+                                               lr_scheduler=self._scheduler)
+        self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
+                                   self.rank, r.seed)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            r.save(self.out / "recipe.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            self.metrics = open(self.out / "metrics.jsonl", "a")
+
+    def _scheduler(self, optimizer):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        op = self.recipe.optim
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, op.warmup_steps, op.max_steps,
+                                                           min_lr_rate=op.min_lr_ratio)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """DeepSpeed checkpoint of every rank's partitions, tagged by step (never overwrites an older one)."""
+        self.engine.save_checkpoint(str(self.out / "checkpoints"), tag=f"step-{self.step}",
+                                    client_state={"step": self.step})
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the newest checkpoint in output.dir/checkpoints, if any; True when resumed."""
+        ckpt = self.out / "checkpoints"
+        if not (ckpt / "latest").is_file():
+            return False
+        _, client = self.engine.load_checkpoint(str(ckpt))
+        if client is None:
+            raise UserError(f"could not load the checkpoint in {ckpt}")
+        self.step = int(client["step"])
+        return True
+
+    # ---- training ----------------------------------------------------------------------------
+    def _teacher_rows(self, indices: torch.Tensor, targets: torch.Tensor):
+        from .objective import TeacherTopK
+
+        if self.cache is None:
+            return None
+        ids, logits, lse = self.cache.fetch(indices, self.recipe.teacher_source.top_k)
+        mask = targets != -100
+        device = self.engine.device
+        return TeacherTopK(ids[mask].to(device), logits[mask].to(device), lse[mask].to(device))
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
+        from .objective import micro_batch_loss
+
+        device = self.engine.device
+        micro = self.sampler.step_indices(self.step)
+        local_tokens = sum(int((self.data.targets[i] != -100).sum()) for i in micro)
+        counts = torch.tensor([local_tokens, sum(int(self.data.attention_mask[i].sum()) for i in micro)],
+                              dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts)
+        n_targets = max(counts[0].item(), 1.0)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for indices in micro:
+            targets = self.data.targets[indices].to(device)
+            out = self.engine(input_ids=self.data.input_ids[indices].to(device),
+                              attention_mask=self.data.attention_mask[indices].to(device))
+            loss_sum, parts = micro_batch_loss(out.logits, targets, self._teacher_rows(indices, targets.cpu()),
+                                               self.recipe.loss, self.vocab_size)
+            # ZeRO averages gradients over ranks; scaling by world / N makes the step's gradient
+            # d(sum over all target tokens of all ranks and micro-batches)/d(theta) / N.
+            self.engine.backward(loss_sum * (self.world / n_targets), scale_wrt_gas=False)
+            self.engine.step()
+            sums += torch.stack([loss_sum.detach(), parts["divergence"], parts["ce"]]).double()
+        torch.distributed.all_reduce(sums)
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"step": self.step, "loss": (sums[0] / n_targets).item(), "divergence": (sums[1] / n_targets).item(),
+                "ce": (sums[2] / n_targets).item(), "lr": self.engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item())}
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        r = self.recipe
+        bar = tqdm(total=r.optim.max_steps, initial=self.step, desc="train", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        started, tokens = time.time(), 0
+        while self.step < r.optim.max_steps:
+            record = self.train_step()
+            tokens += record["tokens"]
+            record["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
+            if not math.isfinite(record["loss"]):
+                raise UserError(f"non-finite loss {record['loss']} at step {self.step}: lower optim.lr or check the data")
+            if self.rank == 0:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                self._log(record)
+            if r.output.save_every and self.step % r.output.save_every == 0 and self.step < r.optim.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+
+    def _log(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if record["step"] % self.recipe.output.log_every == 0 or record["step"] == self.recipe.optim.max_steps:
+            w, s = self.writer, record["step"]
+            for key in ("loss", "divergence", "ce"):
+                w.add_scalar(f"loss/{key}", record[key], s)
+            w.add_scalar("optim/lr", record["lr"], s)
+            w.add_scalar("optim/grad_norm", record["grad_norm"], s)
+            w.add_scalar("throughput/tokens_per_s", record["tokens_per_s"], s)
+
+    # ---- export and cleanup ------------------------------------------------------------------
+    def export(self) -> Path:
+        """Gather the ZeRO-3 partitions and write the student as an HF directory (safetensors) at output.dir/model."""
+        state = self.engine._zero3_consolidated_16bit_state_dict() if self.recipe.deepspeed.zero_stage == 3 \
+            else self.engine.module.state_dict()
+        target = self.out / "model"
+        if self.rank == 0:
+            from .export import write_hf_model
+
+            write_hf_model(self.engine.module, state, self.tokenizer, target, self.recipe)
+        torch.distributed.barrier()
+        return target
+
+    def cleanup(self) -> None:
+        if self.rank == 0:
+            self.writer.close()
+            self.metrics.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dd-train", description=__doc__.split("\n\n")[0],
+                                     epilog="Run with --help-recipe for every recipe key.")
+    parser.add_argument("recipe", nargs="?", help="YAML recipe (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set optim.lr=3e-5 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in output.dir/checkpoints")
+    parser.add_argument("--help-recipe", action="store_true", help="list every recipe key with its meaning and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; not needed with torchrun")
+    args = parser.parse_args(argv)
+    if not args.help_recipe and args.recipe is None:
+        parser.error("the recipe argument is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.help_recipe:
+        print(describe_recipe())
+        return 0
+    recipe = load_recipe(args.recipe, args.set)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .distributed import ensure_single_process_env
+
+    ensure_single_process_env()
+    trainer = Trainer(recipe)
+    trainer.setup()
+    if args.resume and trainer.load_checkpoint() and trainer.rank == 0:
+        print(f"resumed from step {trainer.step}")
+    trainer.train()
+    if recipe.output.export:
+        target = trainer.export()
+        if trainer.rank == 0:
+            print(f"student exported to {target}")
+    if trainer.rank == 0:
+        print(f"outputs in {trainer.out}: recipe.yaml, metrics.jsonl, tensorboard/, checkpoints/")
+    trainer.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
