@@ -85,7 +85,7 @@ def write_shard(cache_dir: Path, index: int, start: int, stop: int, tensors: dic
     """Publish a shard: the tensors file first, then the sidecar that marks it complete."""
     from safetensors.torch import save
 
-    payload = save(tensors, metadata={"format": FORMAT, "start": str(start), "stop": str(stop)})
+    payload = save(tensors)  # no metadata: safetensors writes its map in no fixed order
     _fsync_write(cache_dir / f"{shard_name(index)}.safetensors", payload)
     sidecar = {"index": index, "start": start, "stop": stop, "sha256": hashlib.sha256(payload).hexdigest()}
     _fsync_write(cache_dir / f"{shard_name(index)}.json", json.dumps(sidecar).encode())
@@ -305,5 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def cli() -> None:
+    """Console-script entry point: bad input exits 2 with a one-paragraph message."""
+    raise SystemExit(run_cli(main, "dd-cache"))
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    cli()

@@ -79,5 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console-script entry point: bad input exits 2 with a one-paragraph message."""
+    raise SystemExit(run_cli(main, "dd-export"))
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    cli()

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -139,13 +138,26 @@ class Trainer:
                                                lr_scheduler=self._scheduler)
         self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
                                    self.rank, r.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_partition_report()
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             r.save(self.out / "recipe.yaml")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
             self.metrics = open(self.out / "metrics.jsonl", "a")
+
+    def _write_partition_report(self) -> None:
+        """output.dir/partition-rank<r>.json: parameter elements this rank holds vs the model's total.
+
+        Under ZeRO-3 a parameter's `ds_tensor` is the rank's partition and `ds_numel` its full size.
+        """
+        params = list(self.engine.module.parameters())
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        report = {"rank": self.rank, "world_size": self.world, "zero_stage": self.recipe.deepspeed.zero_stage,
+                  "local_elements": local, "total_elements": total, "num_parameters": len(params)}
+        (self.out / f"partition-rank{self.rank}.json").write_text(json.dumps(report) + "\n")
 
     def _scheduler(self, optimizer):
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -308,5 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console-script entry point: bad input exits 2 with a one-paragraph message."""
+    raise SystemExit(run_cli(main, "dd-train"))
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    cli()

@@ -95,7 +95,8 @@ def softmax_divergence(
     coefs = token_coefs(labels, weights, n=n, vocab=vocab, device=x.device, spec=spec,
                         ignore_index=ignore_index, reduction=reduction, normalizer=normalizer)
     if teacher_logits is not None:
-        teacher = {"teacher": teacher_logits.reshape(n, -1)}
+        t2 = teacher_logits.reshape(n, -1)
+        teacher = {"teacher": t2 if t2.stride(-1) == 1 else t2.contiguous()}
     else:
         teacher = {"topk": _topk_inputs(teacher_topk, coefs, spec, vocab, n)}
     run = _runner(backend, block_v)

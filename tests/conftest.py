@@ -1,0 +1,61 @@
+"""Shared fixtures: a small tiny world built once per session, and a torchrun helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_distill.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small tensors on 2 shared cores: one intra-op thread is much faster and avoids oversubscription.
+torch.set_num_threads(1)
+
+
+def quiet_env(**extra: str) -> dict:
+    return dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu",
+                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+
+
+def run_cmd(args: list[str], timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; on unexpected failure show its output."""
+    proc = subprocess.run(args, cwd=REPO, env=quiet_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(nproc: int, module: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(free_port()), "-m", module, *args], **kw)
+
+
+def module_cmd(module: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "-m", module, *args], **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """A small world: 2000 teacher records, 256 student records, 64 held-out, untrained models."""
+    from dist_distill.tiny_world import build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, teacher_samples=2000, student_samples=256, num_heldout=64, seed=3)
+    return out
+
+
+def world_overrides(world: Path, out: Path, cache: bool = True) -> list[str]:
+    """--set overrides pointing configs/tiny/distill.yaml at a test world (teacher = untrained teacher_init)."""
+    sets = [f"student.name_or_path={world}/student_init", f"teacher.name_or_path={world}/teacher_init",
+            f"data.train={world}/data/student_train.jsonl", f"data.eval={world}/data/heldout.jsonl",
+            f"teacher_source.cache_dir={world}/cache", f"output.dir={out}"]
+    if not cache:
+        sets += ["teacher_source.kind=none", "loss.ce_weight=1.0"]
+    return [x for s in sets for x in ("--set", s)]
