@@ -37,6 +37,14 @@ def write_hf_model(model, state_dict: dict, tokenizer, target: str | Path, recip
     return target
 
 
+STUDENT_PREFIX = "student."
+
+
+def student_state(state: dict) -> dict:
+    """The student's own weights from a DistillationModule state dict (drops projections etc.)."""
+    return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+
+
 def export_checkpoint(checkpoint_dir: str | Path, model_dir: str | Path, target: str | Path, tag: str | None = None) -> Path:
     """Consolidate a ZeRO checkpoint (all ranks' partitions) into fp32 weights and write an HF directory.
 
@@ -56,7 +64,7 @@ def export_checkpoint(checkpoint_dir: str | Path, model_dir: str | Path, target:
         raise UserError(f"checkpoint tag {tag} not found in {checkpoint_dir}")
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model-dir {model_dir}: no config.json (give the student's model directory)")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    state = student_state(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
     config = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)

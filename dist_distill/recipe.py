@@ -65,8 +65,9 @@ class DataSpec:
 class TeacherSourceSpec:
     """Where the teacher's per-token signal comes from during training."""
 
-    kind: Literal["cache", "none"] = "cache"
-    """"cache": a top-k logit cache built by `dd-cache`; "none": no teacher (hard labels only)."""
+    kind: Literal["cache", "colocated", "none"] = "cache"
+    """"cache": a top-k logit cache built by `dd-cache`; "colocated": the teacher model replicated on
+    every student rank, run forward on each batch (small teachers); "none": hard labels only."""
     cache_dir: Optional[str] = None
     """Directory of the teacher cache (required when kind is "cache")."""
     top_k: int = 16
@@ -93,6 +94,13 @@ class LossSpec:
     """Teacher weight in the JSD mixture (kind "jsd")."""
     skew_alpha: float = 0.1
     """Skew of DistiLLM's skew KL (kinds "skew_fkl", "skew_rkl")."""
+    fused: bool = True
+    """Compute the output loss chunk by chunk from the final hidden states inside the lm_head's forward,
+    never materialising [tokens, vocab] logits (false: materialised logits + autograd, for comparison)."""
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    """Fused-loss kernels: "auto" = Triton on CUDA, PyTorch chunks elsewhere; the others force one."""
+    chunk_mib: float = 256.0
+    """Memory budget of the fused loss's float32 work buffers per chunk of tokens, in MiB."""
 
 
 @dataclass
@@ -184,8 +192,11 @@ class Recipe:
         if ts.kind == "none":
             _check(lo.ce_weight == 1.0, f"loss.ce_weight={lo.ce_weight} needs a teacher, but teacher_source.kind=none: "
                    "set teacher_source.kind=cache (with teacher_source.cache_dir) or loss.ce_weight=1.0")
-        else:
+        elif ts.kind == "cache":
             _check(ts.cache_dir is not None, "teacher_source.kind=cache needs teacher_source.cache_dir")
+        else:
+            _check(self.teacher.name_or_path != "", "teacher_source.kind=colocated needs teacher.name_or_path")
+        _check(lo.chunk_mib > 0, f"loss.chunk_mib={lo.chunk_mib}: must be > 0")
         _check(ts.top_k >= 1, f"teacher_source.top_k={ts.top_k}: must be >= 1")
         op = self.optim
         _check(op.lr > 0, f"optim.lr={op.lr}: must be > 0")

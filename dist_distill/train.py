@@ -89,6 +89,13 @@ class StepSampler:
                 for m in range(self.ga)]
 
 
+def get_accelerator_device() -> str:
+    """This rank's device: cuda:<local rank> with CUDA, else cpu."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -107,10 +114,10 @@ class Trainer:
     def setup(self) -> None:
         import deepspeed
 
-        from .cache import TeacherCache
         from .data import load_tokenized
+        from .distill_module import DistillationModule
         from .distributed import default_backend
-        from .models import load_model, load_tokenizer, tokenizer_fingerprint
+        from .models import load_model, load_tokenizer
 
         r = self.recipe
         backend = default_backend() if r.deepspeed.dist_backend == "auto" else r.deepspeed.dist_backend
@@ -120,13 +127,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(r.student, "student")
         self.vocab_size = len(self.tokenizer)
         self.data = load_tokenized(r.data.train, self.tokenizer, r.data, r.data.max_samples)
-        self.cache = None
-        if r.teacher_source.kind == "cache":
-            self.cache = TeacherCache(r.teacher_source.cache_dir)
-            want = {"tokenizer_sha256": tokenizer_fingerprint(self.tokenizer), "seq_len": r.data.max_seq_len,
-                    "vocab_size": self.vocab_size, "dataset": {"token_ids_sha256": self.data.fingerprint},
-                    "k": r.teacher_source.top_k}
-            self.cache.check_matches(want)
+        self.teacher = self._teacher_source()
         self.ds_config = deepspeed_config(r, self.world)
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -134,8 +135,9 @@ class Trainer:
         model = load_model(r.student, "student")
         if model.config.vocab_size < self.vocab_size:
             raise UserError(f"student vocab_size={model.config.vocab_size} is smaller than its tokenizer's {self.vocab_size}")
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config,
-                                               lr_scheduler=self._scheduler)
+        module = DistillationModule(model, r.loss, self.vocab_size)
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                               config=self.ds_config, lr_scheduler=self._scheduler)
         self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
                                    self.rank, r.seed)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +160,28 @@ class Trainer:
         report = {"rank": self.rank, "world_size": self.world, "zero_stage": self.recipe.deepspeed.zero_stage,
                   "local_elements": local, "total_elements": total, "num_parameters": len(params)}
         (self.out / f"partition-rank{self.rank}.json").write_text(json.dumps(report) + "\n")
+
+    def _teacher_source(self):
+        """The recipe's teacher source (None for hard labels only); built before ZeRO-3's model init
+        so that a colocated teacher is an ordinary replicated module."""
+        from .cache import TeacherCache
+        from .models import load_model, load_tokenizer, tokenizer_fingerprint
+        from .teacher import CacheTeacher, ColocatedTeacher
+
+        r = self.recipe
+        device = torch.device(get_accelerator_device())
+        if r.teacher_source.kind == "cache":
+            cache = TeacherCache(r.teacher_source.cache_dir)
+            cache.check_matches({"tokenizer_sha256": tokenizer_fingerprint(self.tokenizer), "seq_len": r.data.max_seq_len,
+                                 "vocab_size": self.vocab_size, "dataset": {"token_ids_sha256": self.data.fingerprint},
+                                 "k": r.teacher_source.top_k})
+            return CacheTeacher(cache, r.teacher_source.top_k, device)
+        if r.teacher_source.kind == "colocated":
+            if tokenizer_fingerprint(load_tokenizer(r.teacher, "teacher")) != tokenizer_fingerprint(self.tokenizer):
+                raise UserError(f"teacher {r.teacher.name_or_path} and student {r.student.name_or_path} use different "
+                                "tokenizers: token-level logit distillation is invalid across vocabularies")
+            return ColocatedTeacher(load_model(r.teacher, "teacher").to(device))
+        return None
 
     def _scheduler(self, optimizer):
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -184,20 +208,8 @@ class Trainer:
         return True
 
     # ---- training ----------------------------------------------------------------------------
-    def _teacher_rows(self, indices: torch.Tensor, targets: torch.Tensor):
-        from .objective import TeacherTopK
-
-        if self.cache is None:
-            return None
-        ids, logits, lse = self.cache.fetch(indices, self.recipe.teacher_source.top_k)
-        mask = targets != -100
-        device = self.engine.device
-        return TeacherTopK(ids[mask].to(device), logits[mask].to(device), lse[mask].to(device))
-
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
-        from .objective import micro_batch_loss
-
         device = self.engine.device
         micro = self.sampler.step_indices(self.step)
         local_tokens = sum(int((self.data.targets[i] != -100).sum()) for i in micro)
@@ -207,16 +219,16 @@ class Trainer:
         n_targets = max(counts[0].item(), 1.0)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for indices in micro:
-            targets = self.data.targets[indices].to(device)
-            out = self.engine(input_ids=self.data.input_ids[indices].to(device),
-                              attention_mask=self.data.attention_mask[indices].to(device))
-            loss_sum, parts = micro_batch_loss(out.logits, targets, self._teacher_rows(indices, targets.cpu()),
-                                               self.recipe.loss, self.vocab_size)
+            batch = {"input_ids": self.data.input_ids[indices].to(device),
+                     "attention_mask": self.data.attention_mask[indices].to(device),
+                     "targets": self.data.targets[indices].to(device)}
+            teacher = self.teacher.signal(indices, batch) if self.teacher is not None else None
+            loss_sum, parts = self.engine(**batch, teacher=teacher)
             # ZeRO averages gradients over ranks; scaling by world / N makes the step's gradient
             # d(sum over all target tokens of all ranks and micro-batches)/d(theta) / N.
             self.engine.backward(loss_sum * (self.world / n_targets), scale_wrt_gas=False)
             self.engine.step()
-            sums += torch.stack([loss_sum.detach(), parts["divergence"], parts["ce"]]).double()
+            sums += torch.stack([loss_sum.detach(), parts["div"], parts["ce"]]).double()
         torch.distributed.all_reduce(sums)
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
@@ -261,13 +273,13 @@ class Trainer:
     # ---- export and cleanup ------------------------------------------------------------------
     def export(self) -> Path:
         """Gather the ZeRO-3 partitions and write the student as an HF directory (safetensors) at output.dir/model."""
+        from .export import student_state, write_hf_model
+
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.recipe.deepspeed.zero_stage == 3 \
             else self.engine.module.state_dict()
         target = self.out / "model"
         if self.rank == 0:
-            from .export import write_hf_model
-
-            write_hf_model(self.engine.module, state, self.tokenizer, target, self.recipe)
+            write_hf_model(self.engine.module.student, student_state(state), self.tokenizer, target, self.recipe)
         torch.distributed.barrier()
         return target
 

@@ -46,7 +46,7 @@ def test_distillation_loss_falls(distilled):
     first = sum(r["divergence"] for r in m[:5]) / 5
     last = sum(r["divergence"] for r in m[-5:]) / 5
     assert last < 0.7 * first, (first, last)
-    assert all(r["divergence"] > 0 and r["ce"] > 0 and r["loss"] == pytest.approx(r["divergence"]) for r in m)
+    assert all(r["divergence"] > 0 and r["loss"] == pytest.approx(r["divergence"]) for r in m)
     assert m[-1]["lr"] == pytest.approx(3e-3 * 0.1, rel=1e-6)  # cosine decayed to the floor
     assert (distilled / "recipe.yaml").is_file() and list((distilled / "tensorboard").iterdir())
 
@@ -91,3 +91,29 @@ def test_one_rank_equals_two_ranks(tiny_world, tmp_path):
     w1, w2 = load_file(one / "model/model.safetensors"), load_file(two / "model/model.safetensors")
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("source", ["cache", "colocated"])
+def test_fused_loss_under_zero3_matches_unfused(tiny_world, tmp_path, source):
+    """The fused loss reads lm_head.weight inside the head's forward (ZeRO-3 gathers it there) and its
+    gradient reaches the partition: 2 ranks, same losses and same updated weights as materialised logits."""
+    base = ["--set", "optim.max_steps=4", "--set", "optim.warmup_steps=1", "--set", "optim.micro_batch_size=4",
+            "--set", f"teacher_source.kind={source}", "--set", f"teacher_source.cache_dir={tmp_path}/cache",
+            "--set", "loss.chunk_mib=0.001"]  # a few tokens per chunk: many chunks
+    runs = {}
+    if source == "cache":
+        torchrun(1, "dist_distill.cache", "build", "configs/tiny/distill.yaml",
+                 *world_overrides(tiny_world, tmp_path), *base)
+    for fused in ("true", "false"):
+        out = tmp_path / f"fused-{fused}"
+        torchrun(2, "dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, out), *base,
+                 "--set", f"loss.fused={fused}")
+        runs[fused] = out
+    for a, b in zip(metrics(runs["true"]), metrics(runs["false"])):
+        for key in ("loss", "divergence", "ce", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    fused, unfused = (load_file(runs[f] / "model/model.safetensors") for f in ("true", "false"))
+    init = load_file(tiny_world / "student_init/model.safetensors")
+    assert not torch.allclose(fused["lm_head.weight"], init["lm_head.weight"])  # the head was really updated
+    for name in fused:
+        torch.testing.assert_close(fused[name], unfused[name], rtol=1e-4, atol=1e-5, msg=name)
