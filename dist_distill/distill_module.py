@@ -10,14 +10,18 @@ and route its gradient to this rank's partition after.
 
 from __future__ import annotations
 
+import dataclasses
 import types
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .recipe import LossSpec
+from .intermediate import (attention_transfer_loss, check_layer_map, hidden_state_loss, layer_attention, layer_hidden,
+                           make_projection, projection_l2, uniform_layer_map)
+from .recipe import IntermediateSpec, LossSpec
 from .teacher import TeacherSignal
 
 
@@ -59,38 +63,114 @@ def unfused_output_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Tea
 
 
 class DistillationModule(nn.Module):
-    """student (an HF causal LM) + optional projections; forward returns the micro-batch loss SUM.
+    """student (an HF causal LM) + projections for intermediate terms; DeepSpeed trains this module.
 
-    forward(input_ids, attention_mask, targets: int64 [B, L], teacher: TeacherSignal | None)
-    -> (loss sum over target tokens: fp32 scalar, parts: dict of detached fp32 sums).
+    forward(input_ids, attention_mask, targets int64 [B, L], teacher: TeacherSignal | None,
+    step: StepSettings) -> (loss SUM over the micro-batch's target tokens, fp32 scalar;
+    parts: dict of detached fp32 sums "div", "ce", "hidden", "attention").
+    Hidden-state and attention terms are averaged over mapped layer pairs and, like the
+    output term, summed over target tokens; the caller divides by the step's token count.
     """
 
-    def __init__(self, student: nn.Module, loss: LossSpec, vocab_size: int):
+    def __init__(self, student: nn.Module, loss: LossSpec, vocab_size: int,
+                 intermediate: IntermediateSpec | None = None, teacher_config=None,
+                 uses_hidden: bool = False, uses_attention: bool = False):
         super().__init__()
         self.student = student
         self.loss_spec = loss
         self.vocab_size = vocab_size
+        self.intermediate = intermediate or IntermediateSpec()
+        self.layer_pairs: list[tuple[int, int]] = []
+        self.projections = nn.ModuleList()
+        if uses_hidden or uses_attention:
+            self.layer_pairs = _layer_pairs(self.intermediate, teacher_config, student.config)
+        if uses_hidden:
+            self.projections.extend(make_projection(self.intermediate.projection, student.config.hidden_size,
+                                                    teacher_config.hidden_size, key="intermediate.projection")
+                                    for _ in self.layer_pairs)
         if loss.fused:
             install_loss_head(student.get_output_embeddings())
 
-    def _loss_inputs(self, labels: torch.Tensor, teacher: TeacherSignal | None) -> dict:
+    def register_external_parameters(self) -> None:
+        """Under ZeRO-3, let this module's forward read the projections' weights (for their L2 penalty)."""
+        import deepspeed
+
+        for p in self.projections.parameters():
+            deepspeed.zero.register_external_parameter(self, p)
+
+    def _loss_inputs(self, labels: torch.Tensor, teacher: TeacherSignal | None, temperature: float) -> dict:
         s = self.loss_spec
         inputs = dict(labels=labels, vocab_size=self.vocab_size, reduction="sum", backend=s.backend,
                       chunk_bytes=int(s.chunk_mib * 2**20))
         if teacher is None:
             # hard labels only: CE through the same fused path (the divergence against itself is 0)
             return dict(inputs, kind="fkl", ce_weight=1.0, teacher_topk=_self_topk(labels))
-        return dict(inputs, kind=s.kind, temperature=s.temperature, scale_by_t2=s.scale_by_t2, beta=s.beta,
+        return dict(inputs, kind=s.kind, temperature=temperature, scale_by_t2=s.scale_by_t2, beta=s.beta,
                     skew_alpha=s.skew_alpha, tail=s.tail, ce_weight=s.ce_weight, **teacher.loss_inputs())
 
-    def forward(self, input_ids, attention_mask, targets, teacher: TeacherSignal | None = None):
-        out = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-        mask = targets != IGNORE_INDEX
-        hidden, labels = out.last_hidden_state[mask], targets[mask]
+    def _output_loss(self, hidden, labels, teacher, temperature):
         head = self.student.get_output_embeddings()
         if self.loss_spec.fused:
-            return head(hidden, self._loss_inputs(labels, teacher))
-        return unfused_output_loss(head(hidden), labels, teacher, self.loss_spec, self.vocab_size)
+            return head(hidden, self._loss_inputs(labels, teacher, temperature))
+        spec = dataclasses.replace(self.loss_spec, temperature=temperature)
+        return unfused_output_loss(head(hidden), labels, teacher, spec, self.vocab_size)
+
+    def _attention_term(self, student_attn, teacher_attn, attention_mask, target_mask) -> torch.Tensor:
+        """Attention KL as a SUM over target tokens: rows and key columns of all real tokens (attention
+        rows are distributions over every real key), averaged, times the micro-batch's target count."""
+        total, rows = attention_transfer_loss(student_attn, teacher_attn, attention_mask.bool(),
+                                              self.intermediate.attention_heads)
+        return total / rows.clamp(min=1) * target_mask.sum()
+
+    def forward(self, input_ids, attention_mask, targets, teacher: TeacherSignal | None = None,
+                step: StepSettings | None = None):
+        step = step or StepSettings(temperature=self.loss_spec.temperature)
+        w = step.weights
+        need_hidden, need_attn = w.get("hidden", 0.0) > 0, w.get("attention", 0.0) > 0
+        out = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         output_hidden_states=need_hidden, output_attentions=need_attn)
+        mask = targets != IGNORE_INDEX
+        loss, parts = self._output_loss(out.last_hidden_state[mask], targets[mask], teacher, step.temperature)
+        loss = w.get("output", 1.0) * loss
+        zero = torch.zeros((), device=loss.device)
+        parts = dict(parts, hidden=zero, attention=zero)
+        if need_hidden:
+            hidden = sum(hidden_state_loss(layer_hidden(out.hidden_states, s, "student"),
+                                           layer_hidden(teacher.layer_hidden, t, "teacher"),
+                                           proj, mask, self.intermediate.hidden_loss)[0]
+                         for (s, t), proj in zip(self.layer_pairs, self.projections)) / len(self.layer_pairs)
+            loss = loss + w["hidden"] * hidden
+            parts["hidden"] = hidden.detach()
+        if need_attn:
+            attn = sum(self._attention_term(layer_attention(out.attentions, s, "student"),
+                                            layer_attention(teacher.attentions, t, "teacher"), attention_mask, mask)
+                       for s, t in self.layer_pairs) / len(self.layer_pairs)
+            loss = loss + w["attention"] * attn
+            parts["attention"] = attn.detach()
+        if self.intermediate.projection_l2 > 0 and len(self.projections) and step.l2_scale > 0:
+            loss = loss + self.intermediate.projection_l2 * step.l2_scale * projection_l2(self.projections)
+        return loss, parts
+
+
+@dataclass
+class StepSettings:
+    """What changes from step to step: term weights, temperature, and the L2 scale.
+
+    l2_scale: factor that turns the once-per-step L2 penalty into a per-micro-batch SUM term,
+    (step target tokens) / (world size * grad_accum), so that after the trainer's division by
+    the step's token count it contributes exactly projection_l2 * L2 per optimizer step.
+    """
+
+    weights: dict = field(default_factory=lambda: {"output": 1.0, "hidden": 0.0, "attention": 0.0})
+    temperature: float = 1.0
+    l2_scale: float = 0.0
+
+
+def _layer_pairs(spec: IntermediateSpec, teacher_config, student_config) -> list[tuple[int, int]]:
+    nt, ns = teacher_config.num_hidden_layers, student_config.num_hidden_layers
+    if spec.layer_map is None:
+        return uniform_layer_map(nt, ns)
+    return check_layer_map(spec.layer_map, nt, ns, key="intermediate.layer_map")
 
 
 def _self_topk(labels: torch.Tensor):

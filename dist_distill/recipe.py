@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 from .errors import UserError
+from .schedules import TERMS, Ramp, Stage, TermWeights, check_stages
 
 
 class RecipeError(UserError):
@@ -83,7 +84,11 @@ class LossSpec:
     kind: Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"] = "fkl"
     """Divergence between teacher p_T and student q_T (fkl = KL(p_T || q_T))."""
     temperature: float = 1.0
-    """Softmax temperature T applied to teacher and student logits (> 0)."""
+    """Softmax temperature T applied to teacher and student logits (> 0); the value at the first step."""
+    temperature_end: Optional[float] = None
+    """Temperature at the last step when scheduled (None: fixed at `temperature`)."""
+    temperature_shape: Literal["constant", "linear", "cosine"] = "constant"
+    """How the temperature moves from `temperature` to `temperature_end`."""
     scale_by_t2: bool = True
     """Multiply the divergence by T^2 so its gradient scale does not shrink as T grows."""
     ce_weight: float = 0.0
@@ -101,6 +106,22 @@ class LossSpec:
     """Fused-loss kernels: "auto" = Triton on CUDA, PyTorch chunks elsewhere; the others force one."""
     chunk_mib: float = 256.0
     """Memory budget of the fused loss's float32 work buffers per chunk of tokens, in MiB."""
+
+
+@dataclass
+class IntermediateSpec:
+    """Intermediate-layer alignment and attention transfer (need teacher_source.kind=colocated)."""
+
+    layer_map: Optional[list[list[int]]] = None
+    """[[student_layer, teacher_layer], ...], 0-based transformer blocks (None: uniform, last to last)."""
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    """Per-token hidden-state loss after projecting the student's states to the teacher's width."""
+    projection: Literal["linear", "conv_gate", "identity"] = "linear"
+    """Student -> teacher width map: a linear layer, the seed's 1x1 conv + channel-attention gate, or none."""
+    projection_l2: float = 0.0
+    """Weight of the L2 penalty on the projections' weights (seed: 0.01), applied once per optimizer step."""
+    attention_heads: Literal["average", "map"] = "average"
+    """Attention transfer: average heads on each side, or map teacher head groups onto student heads."""
 
 
 @dataclass
@@ -175,6 +196,12 @@ class Recipe:
     """Engine settings."""
     output: OutputSpec = field(default_factory=OutputSpec)
     """Outputs."""
+    weights: TermWeights = field(default_factory=TermWeights)
+    """Weight of each loss term (output, hidden, attention): start, end and shape over the run."""
+    intermediate: IntermediateSpec = field(default_factory=IntermediateSpec)
+    """Intermediate-layer and attention transfer settings."""
+    stages: list[Stage] = field(default_factory=list)
+    """Progressive stages (name, data_fraction, steps, terms); when given they replace `weights`."""
     seed: int = 1234
     """Seed for python, numpy and torch on every rank."""
 
@@ -197,6 +224,21 @@ class Recipe:
         else:
             _check(self.teacher.name_or_path != "", "teacher_source.kind=colocated needs teacher.name_or_path")
         _check(lo.chunk_mib > 0, f"loss.chunk_mib={lo.chunk_mib}: must be > 0")
+        Ramp(lo.temperature, lo.temperature_end, lo.temperature_shape).check("loss.temperature", positive=True)
+        self.weights.check("weights")
+        if self.stages:
+            check_stages(self.stages, self.optim.max_steps)
+        for term in ("hidden", "attention"):
+            if self.uses_term(term):
+                _check(ts.kind == "colocated", f"the {term} term needs the teacher's internal states, which only "
+                       f"teacher_source.kind=colocated provides (a cache holds logits only); got teacher_source.kind={ts.kind}")
+        _check(self.intermediate.projection_l2 >= 0,
+               f"intermediate.projection_l2={self.intermediate.projection_l2}: must be >= 0")
+        if self.uses_term("attention"):
+            from .intermediate import check_attention_support
+
+            check_attention_support(self.student.attn_implementation, "student")
+            check_attention_support(self.teacher.attn_implementation, "teacher")
         _check(ts.top_k >= 1, f"teacher_source.top_k={ts.top_k}: must be >= 1")
         op = self.optim
         _check(op.lr > 0, f"optim.lr={op.lr}: must be > 0")
@@ -213,6 +255,13 @@ class Recipe:
         _check(self.output.log_every >= 1, f"output.log_every={self.output.log_every}: must be >= 1")
         _check(self.output.save_every >= 0, f"output.save_every={self.output.save_every}: must be >= 0")
         return self
+
+    def uses_term(self, term: str) -> bool:
+        """Whether loss term `term` ("output", "hidden", "attention") has a weight > 0 at any step."""
+        if self.stages:
+            return any(stage.terms.get(term, 0.0) > 0 for stage in self.stages)
+        ramp = getattr(self.weights, term)
+        return ramp.start > 0 or (ramp.end is not None and ramp.end > 0)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain YAML-serialisable data."""
@@ -242,6 +291,8 @@ def _type_name(tp: Any) -> str:
         return "null"
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(get_args(tp)[1])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -268,6 +319,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except RecipeError as err:
                 errors.append(str(err))
         raise RecipeError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}={value!r}: expected a mapping")
+        key_tp, value_tp = get_args(tp)
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{key}={value!r}: expected {_type_name(tp)}")
@@ -304,6 +360,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise RecipeError(f"unknown key {prefix}{unknown[0]}: allowed keys in {prefix.rstrip('.') or 'the recipe'} are "
                           + ", ".join(names))
     values = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise RecipeError(f"{prefix}{missing[0]} is missing: {prefix.rstrip('.') or 'the recipe'} needs "
+                          + ", ".join(required))
     return cls(**values)
 
 

@@ -65,28 +65,44 @@ def _deep_update(base: dict, extra: dict) -> None:
 class StepSampler:
     """Which samples each rank reads at each optimizer step; a pure function of (seed, step).
 
-    Samples are drawn from an endless stream of per-epoch permutations. Step s consumes
-    global slots [s*G, (s+1)*G), G = world * grad_accum * micro_batch; slot
+    Samples are drawn from an endless stream of per-epoch permutations of a pool. Step s
+    consumes pool slots [s*G, (s+1)*G), G = world * grad_accum * micro_batch; slot
     (m * world + r) * micro_batch + j goes to rank r, micro-batch m. The same step therefore
     covers the same samples whatever the split into ranks and micro-batches, and resuming
-    at step s needs nothing but s.
+    at step s needs nothing but s. With progressive stages, stage i's pool is the first
+    ceil(fraction * N) samples of one fixed shuffled order, and its stream starts at its first step.
     """
 
-    def __init__(self, num_samples: int, micro_batch: int, grad_accum: int, world: int, rank: int, seed: int):
+    def __init__(self, num_samples: int, micro_batch: int, grad_accum: int, world: int, rank: int, seed: int,
+                 stages: list | None = None):
         self.n, self.mb, self.ga, self.world, self.rank, self.seed = num_samples, micro_batch, grad_accum, world, rank, seed
-        self._perms: dict[int, torch.Tensor] = {}
+        self.stages = stages or []
+        self.order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed - 1)) \
+            if self.stages else torch.arange(num_samples)
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _sample(self, position: int) -> int:
-        epoch = position // self.n
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
-        return int(self._perms[epoch][position % self.n])
+    def _pool(self, step: int) -> tuple[int, torch.Tensor, int]:
+        """(stream key, pool of sample ids, step within the stream)."""
+        if not self.stages:
+            return 0, self.order, step
+        from .schedules import stage_at, stage_sample_limit
+
+        index, stage, step_in_stage = stage_at(step, self.stages)
+        return index, self.order[:stage_sample_limit(stage, self.n)], step_in_stage
+
+    def _sample(self, key: int, pool: torch.Tensor, position: int) -> int:
+        epoch = position // len(pool)
+        if (key, epoch) not in self._perms:
+            seed = self.seed + 1_000_003 * key + epoch
+            self._perms = {(key, epoch): torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))}
+        return int(pool[self._perms[(key, epoch)][position % len(pool)]])
 
     def step_indices(self, step: int) -> list[torch.Tensor]:
         """Sample indices of this rank's micro-batches at optimizer step `step`: grad_accum x int64 [micro_batch]."""
-        base = step * self.world * self.ga * self.mb
-        return [torch.tensor([self._sample(base + (m * self.world + self.rank) * self.mb + j) for j in range(self.mb)])
-                for m in range(self.ga)]
+        key, pool, local_step = self._pool(step)
+        base = local_step * self.world * self.ga * self.mb
+        return [torch.tensor([self._sample(key, pool, base + (m * self.world + self.rank) * self.mb + j)
+                              for j in range(self.mb)]) for m in range(self.ga)]
 
 
 def get_accelerator_device() -> str:
@@ -118,6 +134,7 @@ class Trainer:
         from .distill_module import DistillationModule
         from .distributed import default_backend
         from .models import load_model, load_tokenizer
+        from .teacher import ColocatedTeacher
 
         r = self.recipe
         backend = default_backend() if r.deepspeed.dist_backend == "auto" else r.deepspeed.dist_backend
@@ -135,11 +152,15 @@ class Trainer:
         model = load_model(r.student, "student")
         if model.config.vocab_size < self.vocab_size:
             raise UserError(f"student vocab_size={model.config.vocab_size} is smaller than its tokenizer's {self.vocab_size}")
-        module = DistillationModule(model, r.loss, self.vocab_size)
+        teacher_config = self.teacher.model.config if isinstance(self.teacher, ColocatedTeacher) else None
+        module = DistillationModule(model, r.loss, self.vocab_size, r.intermediate, teacher_config,
+                                    uses_hidden=r.uses_term("hidden"), uses_attention=r.uses_term("attention"))
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                                config=self.ds_config, lr_scheduler=self._scheduler)
+        if r.deepspeed.zero_stage == 3:
+            self.engine.module.register_external_parameters()
         self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
-                                   self.rank, r.seed)
+                                   self.rank, r.seed, r.stages)
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_partition_report()
         if self.rank == 0:
@@ -180,7 +201,8 @@ class Trainer:
             if tokenizer_fingerprint(load_tokenizer(r.teacher, "teacher")) != tokenizer_fingerprint(self.tokenizer):
                 raise UserError(f"teacher {r.teacher.name_or_path} and student {r.student.name_or_path} use different "
                                 "tokenizers: token-level logit distillation is invalid across vocabularies")
-            return ColocatedTeacher(load_model(r.teacher, "teacher").to(device))
+            return ColocatedTeacher(load_model(r.teacher, "teacher").to(device), need_layers=r.uses_term("hidden"),
+                                    need_attentions=r.uses_term("attention"))
         return None
 
     def _scheduler(self, optimizer):
@@ -208,6 +230,20 @@ class Trainer:
         return True
 
     # ---- training ----------------------------------------------------------------------------
+    def step_settings(self, step_tokens: float):
+        """Term weights and temperature at the current step (pure functions of the step: resumable)."""
+        from .distill_module import StepSettings
+        from .schedules import Ramp, stage_at
+
+        r, step = self.recipe, self.step
+        if r.stages:
+            weights = stage_at(step, r.stages)[1].weights()
+        else:
+            weights = r.weights.weights_at(step, r.optim.max_steps)
+        temperature = Ramp(r.loss.temperature, r.loss.temperature_end, r.loss.temperature_shape).at(step, r.optim.max_steps)
+        return StepSettings(weights=weights, temperature=temperature,
+                            l2_scale=step_tokens / (self.world * r.optim.grad_accum))
+
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
         device = self.engine.device
@@ -217,23 +253,26 @@ class Trainer:
                               dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts)
         n_targets = max(counts[0].item(), 1.0)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        settings = self.step_settings(n_targets)
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         for indices in micro:
             batch = {"input_ids": self.data.input_ids[indices].to(device),
                      "attention_mask": self.data.attention_mask[indices].to(device),
                      "targets": self.data.targets[indices].to(device)}
             teacher = self.teacher.signal(indices, batch) if self.teacher is not None else None
-            loss_sum, parts = self.engine(**batch, teacher=teacher)
+            loss_sum, parts = self.engine(**batch, teacher=teacher, step=settings)
             # ZeRO averages gradients over ranks; scaling by world / N makes the step's gradient
             # d(sum over all target tokens of all ranks and micro-batches)/d(theta) / N.
             self.engine.backward(loss_sum * (self.world / n_targets), scale_wrt_gas=False)
             self.engine.step()
-            sums += torch.stack([loss_sum.detach(), parts["div"], parts["ce"]]).double()
+            sums += torch.stack([loss_sum.detach()] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
         torch.distributed.all_reduce(sums)
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        return {"step": self.step, "loss": (sums[0] / n_targets).item(), "divergence": (sums[1] / n_targets).item(),
-                "ce": (sums[2] / n_targets).item(), "lr": self.engine.get_lr()[0],
+        mean = (sums / n_targets).tolist()
+        return {"step": self.step, "loss": mean[0], "divergence": mean[1], "ce": mean[2], "hidden": mean[3],
+                "attention": mean[4], "lr": self.engine.get_lr()[0], "temperature": settings.temperature,
+                **{f"weight_{k}": v for k, v in settings.weights.items()},
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item())}
 
@@ -264,8 +303,10 @@ class Trainer:
         self.metrics.flush()
         if record["step"] % self.recipe.output.log_every == 0 or record["step"] == self.recipe.optim.max_steps:
             w, s = self.writer, record["step"]
-            for key in ("loss", "divergence", "ce"):
+            for key in ("loss", "divergence", "ce", "hidden", "attention"):
                 w.add_scalar(f"loss/{key}", record[key], s)
+            for key in ("weight_output", "weight_hidden", "weight_attention", "temperature"):
+                w.add_scalar(f"schedule/{key}", record[key], s)
             w.add_scalar("optim/lr", record["lr"], s)
             w.add_scalar("optim/grad_norm", record["grad_norm"], s)
             w.add_scalar("throughput/tokens_per_s", record["tokens_per_s"], s)

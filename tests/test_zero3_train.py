@@ -117,3 +117,33 @@ def test_fused_loss_under_zero3_matches_unfused(tiny_world, tmp_path, source):
     assert not torch.allclose(fused["lm_head.weight"], init["lm_head.weight"])  # the head was really updated
     for name in fused:
         torch.testing.assert_close(fused[name], unfused[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_progressive_recipe_with_hidden_and_attention_terms(tiny_world, tmp_path):
+    """Seed recipe 2 (stages 20% / 50% / 100%, conv-gate projection, attention transfer) on 2 ZeRO-3 ranks:
+    every term is active in its stage, the projection is partitioned and trained."""
+    from dist_distill.recipe import load_recipe
+
+    stages = ("stages=[{name: output, data_fraction: 0.2, steps: 3, terms: {output: 1.0}}, "
+              "{name: align, data_fraction: 0.5, steps: 3, terms: {output: 0.7, hidden: 0.3}}, "
+              "{name: all, data_fraction: 1.0, steps: 4, terms: {output: 0.7, hidden: 0.2, attention: 0.1}}]")
+    sets = world_overrides(tiny_world, tmp_path) + ["--set", stages, "--set", "optim.max_steps=10",
+                                                   "--set", "optim.micro_batch_size=8", "--set", "output.save_every=5"]
+    torchrun(2, "dist_distill.train", "configs/tiny/seed2_progressive.yaml", *sets)
+    m = metrics(tmp_path)
+    assert [r["weight_hidden"] for r in m] == [0.0] * 3 + [0.3] * 3 + [0.2] * 4
+    assert all(r["hidden"] == 0 and r["attention"] == 0 for r in m[:3])
+    assert all(r["hidden"] > 0 and r["attention"] == 0 for r in m[3:6])
+    assert all(r["hidden"] > 0 and r["attention"] > 0 for r in m[6:])
+    reports = [json.loads((tmp_path / f"partition-rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["local_elements"] < r["total_elements"] for r in reports)
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    assert recipe.intermediate.projection == "conv_gate" and recipe.stages[2].data_fraction == 1.0
+    # the projections live in the engine's checkpoint, partitioned, and changed between steps 5 and 10
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    at5 = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), tag="step-5")
+    at10 = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), tag="step-10")
+    proj = [k for k in at10 if k.startswith("projections.")]
+    assert proj and all(not torch.equal(at5[k], at10[k]) for k in proj), proj
+    assert not any(k.startswith("projections.") for k in load_file(tmp_path / "model/model.safetensors"))
