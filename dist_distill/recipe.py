@@ -66,15 +66,24 @@ class DataSpec:
 class TeacherSourceSpec:
     """Where the teacher's per-token signal comes from during training."""
 
-    kind: Literal["cache", "colocated", "none"] = "cache"
-    """"cache": a top-k logit cache built by `dd-cache`; "colocated": the teacher model replicated on
-    every student rank, run forward on each batch (small teachers); "none": hard labels only."""
+    kind: Literal["cache", "group", "colocated", "none"] = "cache"
+    """"cache": a top-k logit cache built by `dd-cache`; "group": a separate tensor-parallel teacher
+    group in the same job sends top-k signals to the student ranks; "colocated": the teacher model
+    replicated on every student rank, run forward on each batch (small teachers); "none": hard labels only."""
     cache_dir: Optional[str] = None
     """Directory of the teacher cache (required when kind is "cache")."""
     top_k: int = 16
     """Teacher logits kept per token when building the cache."""
     batch_size: int = 32
     """Samples per teacher forward pass when building the cache."""
+    tp_size: int = 1
+    """kind=group: tensor-parallel ranks per teacher group (within a node)."""
+    num_groups: int = 1
+    """kind=group: number of teacher groups; the first tp_size * num_groups ranks of the job are teachers."""
+    prefetch_steps: int = 1
+    """kind=group: optimizer steps the teacher runs ahead of the students (double buffering)."""
+    timeout_s: float = 300.0
+    """kind=group: seconds a student waits for its teacher's signal before exiting with an error."""
 
 
 @dataclass
@@ -219,6 +228,12 @@ class Recipe:
         if ts.kind == "none":
             _check(lo.ce_weight == 1.0, f"loss.ce_weight={lo.ce_weight} needs a teacher, but teacher_source.kind=none: "
                    "set teacher_source.kind=cache (with teacher_source.cache_dir) or loss.ce_weight=1.0")
+        elif ts.kind == "group":
+            _check(self.teacher.name_or_path != "", "teacher_source.kind=group needs teacher.name_or_path")
+            _check(ts.tp_size >= 1 and ts.num_groups >= 1, f"teacher_source.tp_size={ts.tp_size} and "
+                   f"teacher_source.num_groups={ts.num_groups}: both must be >= 1")
+            _check(ts.prefetch_steps >= 1, f"teacher_source.prefetch_steps={ts.prefetch_steps}: must be >= 1")
+            _check(ts.timeout_s > 0, f"teacher_source.timeout_s={ts.timeout_s}: must be > 0")
         elif ts.kind == "cache":
             _check(ts.cache_dir is not None, "teacher_source.kind=cache needs teacher_source.cache_dir")
         else:
