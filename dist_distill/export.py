@@ -48,19 +48,24 @@ def student_state(state: dict) -> dict:
 def export_checkpoint(checkpoint_dir: str | Path, model_dir: str | Path, target: str | Path, tag: str | None = None) -> Path:
     """Consolidate a ZeRO checkpoint (all ranks' partitions) into fp32 weights and write an HF directory.
 
-    checkpoint_dir: output.dir/checkpoints of a run; tag: e.g. "step-300" (default: the one in `latest`);
+    checkpoint_dir: output.dir/checkpoints of a run; tag: e.g. "step-300" (default: the newest committed);
     model_dir: a directory with the student's config.json and tokenizer (the run's initial model).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import latest_committed
+
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist")
-    if tag is None and not (checkpoint_dir / "latest").is_file():
-        raise UserError(f"{checkpoint_dir} has no 'latest' file: pass --tag (one of "
-                        f"{', '.join(sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir())) or 'none found'})")
-    if tag is not None and not (checkpoint_dir / tag).is_dir():
+    if tag is None:
+        found = latest_committed(checkpoint_dir)
+        if found is None:
+            raise UserError(f"{checkpoint_dir} holds no committed checkpoint (a step-N directory with a COMMITTED "
+                            "marker); pass --tag to export a specific one")
+        tag = found[1].name
+    elif not (checkpoint_dir / tag).is_dir():
         raise UserError(f"checkpoint tag {tag} not found in {checkpoint_dir}")
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model-dir {model_dir}: no config.json (give the student's model directory)")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint_dir", help="the run's checkpoints/ directory (holding step-N/ and latest)")
     parser.add_argument("--model-dir", required=True, help="directory with the student's config.json and tokenizer")
     parser.add_argument("--out", required=True, help="target directory for the Hugging Face model")
-    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step-300 (default: latest)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step-300 (default: the newest committed one)")
     args = parser.parse_args(argv)
     target = export_checkpoint(args.checkpoint_dir, args.model_dir, args.out, args.tag)
     print(f"exported to {target}")

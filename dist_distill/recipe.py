@@ -155,6 +155,8 @@ class OptimSpec:
     """Micro-batches per optimizer step on each rank."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+    max_consecutive_skips: int = 5
+    """Optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops."""
 
 
 @dataclass
@@ -169,6 +171,10 @@ class DeepSpeedSpec:
     """Optional DeepSpeed JSON whose keys override the ones generated from this recipe."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend. "auto": nccl on CUDA, gloo on CPU."""
+    startup_timeout_s: float = 1800.0
+    """Collective timeout until the first optimizer step is done (loading, first compilation), seconds."""
+    timeout_s: float = 300.0
+    """Collective timeout after the first step: a dead or hung rank makes the others exit within this."""
 
 
 @dataclass
@@ -181,6 +187,8 @@ class OutputSpec:
     """Optimizer steps between TensorBoard/log records."""
     save_every: int = 0
     """Optimizer steps between checkpoints (0: only at the end)."""
+    keep_last: int = 3
+    """Committed checkpoints to keep (older ones are deleted after a new one is committed; 0: keep all)."""
     export: bool = True
     """Write the trained student as a Hugging Face directory (safetensors) in `dir`/model."""
 
@@ -269,6 +277,10 @@ class Recipe:
         _check(self.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={self.deepspeed.zero_stage}: allowed 0, 1, 2, 3")
         _check(self.output.log_every >= 1, f"output.log_every={self.output.log_every}: must be >= 1")
         _check(self.output.save_every >= 0, f"output.save_every={self.output.save_every}: must be >= 0")
+        _check(self.output.keep_last >= 0, f"output.keep_last={self.output.keep_last}: must be >= 0")
+        _check(op.max_consecutive_skips >= 1, f"optim.max_consecutive_skips={op.max_consecutive_skips}: must be >= 1")
+        _check(self.deepspeed.startup_timeout_s > 0 and self.deepspeed.timeout_s > 0,
+               "deepspeed.startup_timeout_s and deepspeed.timeout_s must be > 0")
         return self
 
     def uses_term(self, term: str) -> bool:

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
+import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import tag_for
 from .errors import UserError, run_cli
 from .recipe import Recipe, describe_recipe, load_recipe
 
@@ -125,6 +127,7 @@ class Trainer:
         self.recipe = recipe
         self.out = Path(recipe.output.dir)
         self.step = 0
+        self.skipped_steps = self.consecutive_skips = self._engine_skips = 0
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -138,7 +141,7 @@ class Trainer:
 
         r = self.recipe
         backend = default_backend() if r.deepspeed.dist_backend == "auto" else r.deepspeed.dist_backend
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=r.deepspeed.startup_timeout_s))
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         seed_everything(r.seed + self.rank)
         self.tokenizer = load_tokenizer(r.student, "student")
@@ -197,6 +200,10 @@ class Trainer:
                                  "vocab_size": self.vocab_size, "dataset": {"token_ids_sha256": self.data.fingerprint},
                                  "k": r.teacher_source.top_k})
             return CacheTeacher(cache, r.teacher_source.top_k, device)
+        if r.teacher_source.kind == "group":  # a tensor-parallel teacher group in this job (teacher_group.py)
+            from .teacher_group import group_teacher
+
+            return group_teacher(r, device, lambda: self.step)
         if r.teacher_source.kind == "colocated":
             if tokenizer_fingerprint(load_tokenizer(r.teacher, "teacher")) != tokenizer_fingerprint(self.tokenizer):
                 raise UserError(f"teacher {r.teacher.name_or_path} and student {r.student.name_or_path} use different "
@@ -214,20 +221,115 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """DeepSpeed checkpoint of every rank's partitions, tagged by step (never overwrites an older one)."""
-        self.engine.save_checkpoint(str(self.out / "checkpoints"), tag=f"step-{self.step}",
-                                    client_state={"step": self.step})
+        """Write and commit a checkpoint of this step (see dist_distill.checkpoint for the protocol).
+
+        A rank that cannot write (disk full, quota) makes every rank stop with an error that
+        names the failure; the partial directory is removed and earlier checkpoints are untouched.
+        """
+        from .checkpoint import commit, fsync_tree, latest_committed, prune, rng_state, write_atomic
+        from .faults import maybe_kill_in_save
+
+        root = self.out / "checkpoints"
+        directory = root / tag_for(self.step)
+        self._check_disk_space(root)
+        error = None
+        try:
+            self.engine.save_checkpoint(str(root), tag=tag_for(self.step), client_state={"step": self.step})
+            write_atomic(directory / f"rng-rank{self.rank}.json", json.dumps(rng_state()))
+            if self.rank == 0:
+                write_atomic(directory / "trainer.json", json.dumps(self.trainer_state(), indent=2))
+                self.recipe.save(directory / "recipe.yaml")
+            fsync_tree(directory)
+        except (OSError, RuntimeError) as err:
+            error = err
+        failed = torch.tensor([float(error is not None)])
+        torch.distributed.all_reduce(failed)
+        if failed.item() > 0:
+            if self.rank == 0:
+                prune(root)
+            previous = latest_committed(root)
+            where = f"the previous checkpoint {previous[1]} is intact" if previous else "no earlier checkpoint exists"
+            raise UserError(f"checkpoint {directory} could not be written on {int(failed.item())} rank(s)"
+                            f"{f' (here: {error})' if error else ''}; it was removed and {where}. "
+                            "Free disk space (or raise the quota) and resume with --resume")
+        maybe_kill_in_save(self.rank, self.step)
+        if self.rank == 0:
+            commit(directory, {"step": self.step, "world_size": self.world})
+            prune(root, self.recipe.output.keep_last)
+        torch.distributed.barrier()
+
+    def _check_disk_space(self, root: Path) -> None:
+        """Refuse a save that cannot fit, before anything is written (a failure inside DeepSpeed's save,
+        between its internal barriers, can leave the ranks waiting on different collectives).
+
+        Estimate: the size of the newest committed checkpoint, else 16 bytes per parameter element
+        (16-bit weights + fp32 master weights + two Adam moments), plus 10%.
+        """
+        from .checkpoint import latest_committed
+
+        previous = latest_committed(root)
+        if previous is not None:
+            needed = sum(f.stat().st_size for f in previous[1].rglob("*") if f.is_file())
+        else:
+            needed = 16 * sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        needed = int(needed * 1.1)
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        short = torch.tensor([float(free < needed)])
+        torch.distributed.all_reduce(short)
+        if short.item() > 0:
+            where = f"the previous checkpoint {previous[1]} is intact" if previous else "no earlier checkpoint exists"
+            raise UserError(f"not enough disk space for checkpoint {root / tag_for(self.step)}: it needs about "
+                            f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free on this rank's file system "
+                            f"(or on another rank's); nothing was written and {where}. Free disk space (or raise the "
+                            "quota), lower output.keep_last, and resume with --resume")
+
+    def trainer_state(self) -> dict:
+        """What the trainer needs besides the engine to continue exactly: the step (the data, cache
+        and stage positions are pure functions of it) and the skip counters."""
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "samples_seen": self.step * self.world * self.recipe.optim.grad_accum * self.recipe.optim.micro_batch_size}
 
     def load_checkpoint(self) -> bool:
-        """Resume from the newest checkpoint in output.dir/checkpoints, if any; True when resumed."""
-        ckpt = self.out / "checkpoints"
-        if not (ckpt / "latest").is_file():
+        """Resume from the newest COMMITTED checkpoint in output.dir/checkpoints; True when resumed.
+
+        Partial checkpoints (a crash during a save) are ignored and removed.
+        """
+        from .checkpoint import latest_committed, prune, set_rng_state
+
+        root = self.out / "checkpoints"
+        found = latest_committed(root)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            prune(root)
+        if found is None:
             return False
-        _, client = self.engine.load_checkpoint(str(ckpt))
+        step, directory = found
+        _, client = self.engine.load_checkpoint(str(root), tag=directory.name)
         if client is None:
-            raise UserError(f"could not load the checkpoint in {ckpt}")
-        self.step = int(client["step"])
+            raise UserError(f"could not load the checkpoint {directory}")
+        state = json.loads((directory / "trainer.json").read_text())
+        self.step, self.skipped_steps, self.consecutive_skips = step, state["skipped_steps"], state["consecutive_skips"]
+        rng_file = directory / f"rng-rank{self.rank}.json"
+        if not rng_file.is_file():
+            raise UserError(f"checkpoint {directory} has no {rng_file.name}: it was written by a run with "
+                            "another number of ranks; resume with the same world size")
+        set_rng_state(json.loads(rng_file.read_text()))
+        self._engine_skips = self.engine.skipped_steps
+        if self.rank == 0:
+            self._truncate_metrics(step)
         return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl records past `step` (written after the checkpoint by the run that died)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            from .checkpoint import write_atomic
+
+            write_atomic(path, "".join(line + "\n" for line in keep))
+            self.metrics.close()
+            self.metrics = open(path, "a")
 
     # ---- training ----------------------------------------------------------------------------
     def step_settings(self, step_tokens: float):
@@ -255,18 +357,33 @@ class Trainer:
         n_targets = max(counts[0].item(), 1.0)
         settings = self.step_settings(n_targets)
         sums = torch.zeros(5, dtype=torch.float64, device=device)
-        for indices in micro:
+        from .faults import maybe_kill_at_step, nan_loss
+
+        maybe_kill_at_step(self.rank, self.step + 1)
+        bad = torch.zeros(1, device=device)
+        for m, indices in enumerate(micro):
             batch = {"input_ids": self.data.input_ids[indices].to(device),
                      "attention_mask": self.data.attention_mask[indices].to(device),
                      "targets": self.data.targets[indices].to(device)}
             teacher = self.teacher.signal(indices, batch) if self.teacher is not None else None
             loss_sum, parts = self.engine(**batch, teacher=teacher, step=settings)
+            if nan_loss(self.rank, self.step + 1):
+                loss_sum = loss_sum * float("nan")
+            bad += (~torch.isfinite(loss_sum.detach())).float()
+            if m == len(micro) - 1:
+                # one rank's non-finite loss must skip the step on all: poison every rank's last
+                # micro-batch so the engine's global gradient norm is non-finite and its step is skipped
+                torch.distributed.all_reduce(bad)
+                if bad.item() > 0:
+                    loss_sum = loss_sum * float("nan")
             # ZeRO averages gradients over ranks; scaling by world / N makes the step's gradient
             # d(sum over all target tokens of all ranks and micro-batches)/d(theta) / N.
             self.engine.backward(loss_sum * (self.world / n_targets), scale_wrt_gas=False)
             self.engine.step()
             sums += torch.stack([loss_sum.detach()] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
         torch.distributed.all_reduce(sums)
+        skipped_before = self.skipped_steps
+        self._account_skip(bad.item() > 0)
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         mean = (sums / n_targets).tolist()
@@ -274,7 +391,29 @@ class Trainer:
                 "attention": mean[4], "lr": self.engine.get_lr()[0], "temperature": settings.temperature,
                 **{f"weight_{k}": v for k, v in settings.weights.items()},
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item())}
+                "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item()),
+                "skipped": self.skipped_steps > skipped_before, "skipped_total": self.skipped_steps}
+
+    def _account_skip(self, nonfinite_loss: bool) -> None:
+        """Count the step the engine just skipped (non-finite loss or gradient norm on any rank); stop after
+        optim.max_consecutive_skips in a row. The engine skipped it iff its own skip counter moved."""
+        skipped = self.engine.skipped_steps > self._engine_skips
+        self._engine_skips = self.engine.skipped_steps
+        if nonfinite_loss and not skipped:
+            raise RuntimeError("a non-finite loss reached the optimizer step but DeepSpeed applied it: this DeepSpeed "
+                               "version does not skip non-finite steps; upgrade deepspeed (>= 0.19 checks the norm)")
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        print(f"[rank {self.rank}] step {self.step + 1} skipped: non-finite loss or gradient norm "
+              f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
+        limit = self.recipe.optim.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            raise UserError(f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (last: step "
+                            f"{self.step + 1}); stopping. Lower optim.lr, check the data, or resume from the last "
+                            "checkpoint with --resume")
 
     def train(self) -> None:
         from tqdm import tqdm
@@ -287,8 +426,8 @@ class Trainer:
             record = self.train_step()
             tokens += record["tokens"]
             record["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
-            if not math.isfinite(record["loss"]):
-                raise UserError(f"non-finite loss {record['loss']} at step {self.step}: lower optim.lr or check the data")
+            if self.step == 1:
+                self._tighten_timeout()
             if self.rank == 0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -297,6 +436,12 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
+
+    def _tighten_timeout(self) -> None:
+        """After the first step, collectives get deepspeed.timeout_s instead of the start-up timeout."""
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=self.recipe.deepspeed.timeout_s))
 
     def _log(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -330,6 +475,15 @@ class Trainer:
             self.metrics.close()
 
 
+def _is_communication_failure(err: RuntimeError) -> bool:
+    """A collective failed because a peer died, hung or closed its connection (gloo raises plain RuntimeError)."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return any(s in text for s in ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
+                                   "NCCL", "Timed out waiting", "ProcessGroup", "Broken pipe"))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dd-train", description=__doc__.split("\n\n")[0],
                                      epilog="Run with --help-recipe for every recipe key.")
@@ -355,18 +509,30 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .teacher_group import split_world
+
+    if split_world(recipe):  # teacher_source.kind=group: this rank was a teacher and has served the students
+        return 0
     from .distributed import ensure_single_process_env
 
     ensure_single_process_env()
     trainer = Trainer(recipe)
-    trainer.setup()
-    if args.resume and trainer.load_checkpoint() and trainer.rank == 0:
-        print(f"resumed from step {trainer.step}")
-    trainer.train()
-    if recipe.output.export:
-        target = trainer.export()
-        if trainer.rank == 0:
-            print(f"student exported to {target}")
+    try:
+        trainer.setup()
+        if args.resume and trainer.load_checkpoint() and trainer.rank == 0:
+            print(f"resumed from step {trainer.step}")
+        trainer.train()
+        if recipe.output.export:
+            target = trainer.export()
+            if trainer.rank == 0:
+                print(f"student exported to {target}")
+    except RuntimeError as err:
+        if not _is_communication_failure(err):
+            raise
+        raise UserError(f"a collective operation failed: another rank died or hung (deepspeed.timeout_s="
+                        f"{recipe.deepspeed.timeout_s}s after the first step). The newest committed checkpoint in "
+                        f"{trainer.out / 'checkpoints'} is intact; resume with --resume. Cause: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if trainer.rank == 0:
         print(f"outputs in {trainer.out}: recipe.yaml, metrics.jsonl, tensorboard/, checkpoints/")
     trainer.cleanup()

@@ -59,3 +59,34 @@ def world_overrides(world: Path, out: Path, cache: bool = True) -> list[str]:
     if not cache:
         sets += ["teacher_source.kind=none", "loss.ce_weight=1.0"]
     return [x for s in sets for x in ("--set", s)]
+
+
+# ---- reliability accounting: tests declare what they inject; the summary counts what passed ----
+_COUNTS = {"faults": 0, "bad_inputs": 0}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults(n): the test injects n faults and passes only if all are survived")
+    config.addinivalue_line("markers", "bad_inputs(n): the test feeds n bad inputs and checks each clear error")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        for name in _COUNTS:
+            for value in getattr(report, "user_properties", []):
+                if value[0] == name:
+                    _COUNTS[name] += value[1]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for name in _COUNTS:
+        marker = item.get_closest_marker(name)
+        if marker is not None:
+            item.user_properties.append((name, marker.args[0] if marker.args else 1))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(_COUNTS.values()):
+        terminalreporter.write_line(f"reliability: {_COUNTS['faults']} injected faults survived; "
+                                    f"{_COUNTS['bad_inputs']} bad inputs refused with a clear error")

@@ -1,0 +1,139 @@
+"""Committed checkpoints: nothing counts until every rank has written and fsynced it.
+
+A checkpoint lives in ``<root>/step-<N>/``: DeepSpeed's engine state (every rank's ZeRO-3
+partitions, optimizer state, scheduler), one ``rng-rank<r>.json`` per rank (python, numpy,
+torch and CUDA generators), ``trainer.json`` (step, data and cache position, skip counter) and
+the resolved ``recipe.yaml``. The life cycle of one save:
+
+1. every rank writes its files (DeepSpeed's ``save_checkpoint`` plus ours), then fsyncs them;
+2. a barrier: every rank has finished step 1;
+3. rank 0 writes ``COMMITTED`` (temporary name, fsync, atomic rename, fsync of the directory);
+4. rank 0 removes partial checkpoints (no marker) and committed ones beyond keep-last-N.
+
+DeepSpeed's own ``latest`` file is written before its final barrier and is not proof that a
+checkpoint is whole; resume therefore picks the newest directory that has ``COMMITTED``.
+Nothing here unpickles: RNG states and trainer state are JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COMMIT_MARKER = "COMMITTED"
+PREFIX = "step-"
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step}"
+
+
+def _step_of(path: Path) -> int | None:
+    if not path.name.startswith(PREFIX):
+        return None
+    try:
+        return int(path.name[len(PREFIX):])
+    except ValueError:
+        return None
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path, bool]]:
+    """(step, directory, committed) of every step-N directory under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(_step_of(p), p) for p in root.iterdir() if p.is_dir()]
+    return sorted((s, p, (p / COMMIT_MARKER).is_file()) for s, p in found if s is not None)
+
+
+def latest_committed(root: str | Path) -> tuple[int, Path] | None:
+    """The newest committed checkpoint as (step, directory), or None."""
+    committed = [(s, p) for s, p, ok in list_checkpoints(root) if ok]
+    return committed[-1] if committed else None
+
+
+def _fsync_path(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another rank's temporary file, renamed meanwhile
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file below `path` and the directories themselves (every rank calls it on the shared
+    directory, so each rank's files are flushed by at least their writer)."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file, fsync and rename, then fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(str(path.parent))
+
+
+def commit(directory: Path, info: dict) -> None:
+    """Rank 0, after the barrier: mark `directory` as a whole checkpoint."""
+    write_atomic(directory / COMMIT_MARKER, json.dumps(info, indent=2) + "\n")
+
+
+def prune(root: str | Path, keep_last: int = 0) -> list[Path]:
+    """Remove partial checkpoints (no commit marker) and, with keep_last > 0, all but the newest
+    `keep_last` committed ones. Call only while no save is in progress. Returns what was removed."""
+    entries = list_checkpoints(root)
+    doomed = [p for _, p, ok in entries if not ok]
+    committed = [p for _, p, ok in entries if ok]
+    if keep_last > 0:
+        doomed += committed[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """This process's generator states as JSON-serialisable data."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore generator states saved by :func:`rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
