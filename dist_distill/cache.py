@@ -1,45 +1,75 @@
-"""Teacher top-k logit cache: build it offline once, read it during training.
+"""Teacher top-k logit cache: build it offline once (resumable, distributed), read it during training.
 
-Format "dd-topk-v0" (a simple, honest format; compact encodings come later):
+Format "dd-topk-v1":
 
-  <cache_dir>/manifest.json          what was cached and from what (written last, atomically)
-  <cache_dir>/shard-00000.safetensors  topk_ids int32 [n, L, k], topk_logits float32 [n, L, k],
-                                        lse float32 [n, L] for samples [start, stop)
-  <cache_dir>/shard-00000.json       the shard's sample range and sha256, written after the shard
+  <cache_dir>/manifest.json        what was cached and from what; written last, atomically, by rank 0
+                                   once every shard exists (fingerprints, codec, shard list + sha256)
+  <cache_dir>/shard-00000.ddc      samples [start, stop) of the dataset (binary, see below)
+  <cache_dir>/shard-00000.json     sidecar: the shard's range, size, sha256 and error stats; written
+                                   after the shard file, it marks the shard complete
 
-Per token the cache keeps the teacher's k largest RAW logits over the real vocabulary
-(T = 1) and the full-vocabulary logsumexp in float32, so top-k probabilities
-``exp(z - lse)`` and the tail mass are exact. Positions align with the student's
-tokens: row (i, t) is the teacher's prediction from position t of sample i.
+Per token the teacher runs over the FULL real vocabulary at T=1; the cache keeps its k largest
+logits (ids ascending, values in id order), normalised as ``logp = z - lse`` with the
+full-vocabulary logsumexp ``lse`` (take top-k after the full logsumexp), and ``lse``. Rows are
+stored only where the student has a loss (``targets != IGNORE_INDEX``, the answer tokens);
+each sample records which of its L positions have a row, and that layout is fingerprinted
+(``dataset.targets_sha256``). Rows align with the student's tokens by (sample index, position):
+same tokenizer, same packing, same sequence length.
 
-A shard counts as done only when its .json exists; shards and sidecars are written to a
-temporary name, fsynced and renamed, so a killed build leaves no file that looks complete
-and a re-run redoes only the missing shards. Work splits by rank (torchrun) and by
-``--shard-index/--num-shards`` (SLURM array): shard s belongs to worker s % workers.
+Codec (dist_distill/cache_codec.py): ids sorted and gap-coded in bit-packed blocks of 8;
+values either "lossless" (fp32, or bf16 when exact) or "kl" (default): per-row quantised with
+the EXACT KL between the renormalised top-k distributions bounded by ``--max-kl`` (1e-3 nats).
+Bytes per token (V=151936, measured by benchmarks/bench_cache.py, docs/benchmarks.md):
+see the "Teacher cache" section there; ids dominate at large k.
+
+Shard file ``.ddc``: b"DDTOPK\\x01\\x00", u64 length of a JSON header, the header (sections:
+name -> [offset, nbytes, dtype, shape]), then 64-byte aligned sections: ``row_mask`` (packed
+bits [n, ceil(L/8)]), ``row_start``/``a_start``/``b_start`` (int64 [n+1]: first row and byte
+offsets of each sample), ``header`` (per-row struct), ``widths`` (id width nibbles),
+``stream_a`` (ids and coarse values), ``stream_b`` (refinements), ``values`` (lossless).
+
+Building: each shard is written to a temporary name, fsynced and renamed; the sidecar follows
+the same way. A re-run skips shards whose sidecar and file (of the recorded size) exist and
+redoes the others. Work splits by rank (torchrun / deepspeed) and by ``--shard-index /
+--num-shards`` (SLURM array): shard s belongs to worker ``s % (num_shards * world)`` only, so two
+writers never write the same shard. Outputs are deterministic: a resumed or a multi-rank build
+is byte-identical to an uninterrupted single-process build.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import cache_codec as codec
 from .errors import UserError, run_cli
 
-FORMAT = "dd-topk-v0"
+FORMAT = "dd-topk-v1"
 MANIFEST = "manifest.json"
+MAGIC = b"DDTOPK\x01\x00"
+SHARD_SUFFIX = ".ddc"
+ALIGN = 64
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary file, fsync, rename, fsync of the directory."""
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def _fsync_write(path: Path, data) -> None:
+    """Write `data` (bytes or a list of byte buffers) atomically: temporary file, fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        for part in data if isinstance(data, list) else [data]:
+            f.write(part)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -62,57 +92,177 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-@torch.no_grad()
-def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, vocab_size: int):
-    """Teacher top-k over the real vocabulary: (ids int32 [B, L, k], logits fp32 [B, L, k], lse fp32 [B, L])."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size].float()
-    lse = torch.logsumexp(logits, dim=-1)
-    values, ids = logits.topk(k, dim=-1)
-    return ids.to(torch.int32), values, lse
+def _sidecar(cache_dir: Path, index: int) -> Path:
+    return cache_dir / f"{shard_name(index)}.json"
 
 
-def build_shard(model, data, start: int, stop: int, k: int, vocab_size: int, batch_size: int) -> dict:
-    """Teacher signal for samples [start, stop) as safetensors tensors."""
-    parts = [teacher_topk(model, data.input_ids[i:min(i + batch_size, stop)],
-                          data.attention_mask[i:min(i + batch_size, stop)], k, vocab_size)
-             for i in range(start, stop, batch_size)]
-    return {"topk_ids": torch.cat([p[0] for p in parts]).contiguous(),
-            "topk_logits": torch.cat([p[1] for p in parts]).contiguous(),
-            "lse": torch.cat([p[2] for p in parts]).contiguous()}
-
-
-def write_shard(cache_dir: Path, index: int, start: int, stop: int, tensors: dict) -> None:
-    """Publish a shard: the tensors file first, then the sidecar that marks it complete."""
-    from safetensors.torch import save
-
-    payload = save(tensors)  # no metadata: safetensors writes its map in no fixed order
-    _fsync_write(cache_dir / f"{shard_name(index)}.safetensors", payload)
-    sidecar = {"index": index, "start": start, "stop": stop, "sha256": hashlib.sha256(payload).hexdigest()}
-    _fsync_write(cache_dir / f"{shard_name(index)}.json", json.dumps(sidecar).encode())
+def _shard_file(cache_dir: Path, index: int) -> Path:
+    return cache_dir / f"{shard_name(index)}{SHARD_SUFFIX}"
 
 
 def shard_done(cache_dir: Path, index: int) -> bool:
-    return (cache_dir / f"{shard_name(index)}.json").is_file() and \
-        (cache_dir / f"{shard_name(index)}.safetensors").is_file()
+    """A shard is complete when its sidecar exists and its file has the size the sidecar records."""
+    side, file = _sidecar(cache_dir, index), _shard_file(cache_dir, index)
+    if not (side.is_file() and file.is_file()):
+        return False
+    try:
+        return json.loads(side.read_text())["bytes"] == file.stat().st_size
+    except (ValueError, KeyError):
+        return False
+
+
+def serialise_shard(sections: dict, meta: dict) -> tuple[list, dict]:
+    """Shard bytes (list of buffers) for named numpy arrays, and its header.
+
+    Section offsets in the header count from the start of the data area, the first multiple of
+    `ALIGN` after the header, so the header does not depend on its own length.
+    """
+    layout, offset, arrays = {}, 0, []
+    for name, arr in sections.items():
+        arr = np.ascontiguousarray(arr)
+        layout[name] = [offset, arr.nbytes, arr.dtype.str, list(arr.shape)]
+        offset += -(-arr.nbytes // ALIGN) * ALIGN
+        arrays.append(arr)
+    header = dict(meta, sections=layout)
+    head = json.dumps(header, sort_keys=True).encode()
+    base = _data_start(len(head))
+    parts = [MAGIC, struct.pack("<Q", len(head)), head, b"\0" * (base - len(MAGIC) - 8 - len(head))]
+    for arr in arrays:
+        data = arr.tobytes()
+        parts += [data, b"\0" * (-(-len(data) // ALIGN) * ALIGN - len(data))]
+    return parts, header
+
+
+def _data_start(head_len: int) -> int:
+    return -(-(len(MAGIC) + 8 + head_len) // ALIGN) * ALIGN
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, vocab_size: int):
+    """Teacher top-k over the real vocabulary: (ids int32 [B, L, k], logits fp32 [B, L, k], lse fp32 [B, L]).
+
+    The logsumexp runs over the whole real vocabulary before the top-k is taken, so
+    ``logits - lse`` are the teacher's full-vocabulary log-probabilities.
+    """
+    logits = model(input_ids=input_ids.to(model.device),
+                   attention_mask=attention_mask.to(model.device)).logits[..., :vocab_size].float()
+    lse = torch.logsumexp(logits, dim=-1)
+    values, ids = logits.topk(k, dim=-1)
+    return ids.to(torch.int32).cpu(), values.cpu(), lse.cpu()
+
+
+def build_shard(model, data, start: int, stop: int, k: int, vocab_size: int, batch_size: int, mode: str,
+                max_kl: float, bar=None) -> tuple[list, dict, dict]:
+    """Run the teacher over samples [start, stop), code the target rows; (file buffers, header, stats)."""
+    from .data import IGNORE_INDEX
+
+    ids, vals, lse = [], [], []
+    for i in range(start, stop, batch_size):
+        j = min(i + batch_size, stop)
+        mask = data.targets[i:j] != IGNORE_INDEX
+        t_ids, t_vals, t_lse = teacher_topk(model, data.input_ids[i:j], data.attention_mask[i:j], k, vocab_size)
+        ids.append(t_ids[mask].numpy())
+        vals.append(t_vals[mask].numpy())
+        lse.append(t_lse[mask].numpy())
+        if bar is not None:
+            bar.update(int(data.attention_mask[i:j].sum()))
+    mask = (data.targets[start:stop] != IGNORE_INDEX).numpy()
+    ids, vals, lse = np.concatenate(ids), np.concatenate(vals), np.concatenate(lse)
+    return encode_shard(ids, vals, lse, mask, vocab_size, mode, max_kl, start, stop)
+
+
+def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float, start: int = 0,
+                 stop: int | None = None) -> tuple[list, dict, dict]:
+    """Code rows (ids [R, k], raw logits [R, k], lse [R]) of samples whose row positions are `mask` [n, L]."""
+    n, seq_len = mask.shape
+    k = ids.shape[1]
+    enc = codec.encode_rows(ids, vals, lse, vocab_size, mode, max_kl)
+    rows_per_sample = mask.sum(axis=1)
+    row_start = np.concatenate([[0], np.cumsum(rows_per_sample)]).astype(np.int64)
+    sample_of_row = np.repeat(np.arange(n), rows_per_sample)
+    a_bytes = np.bincount(sample_of_row, weights=enc["len_a"], minlength=n).astype(np.int64)
+    b_bytes = np.bincount(sample_of_row, weights=enc["len_b"], minlength=n).astype(np.int64)
+    sections = {
+        "row_mask": np.packbits(mask, axis=1, bitorder="little"),
+        "row_start": row_start,
+        "a_start": np.concatenate([[0], np.cumsum(a_bytes)]).astype(np.int64),
+        "b_start": np.concatenate([[0], np.cumsum(b_bytes)]).astype(np.int64),
+        "header": enc["header"].view(np.uint8).reshape(len(ids), enc["header"].dtype.itemsize),
+        "widths": enc["widths"],
+        "stream_a": np.concatenate([enc["stream_a"], np.zeros(codec.PAD, np.uint8)]),
+        "stream_b": np.concatenate([enc["stream_b"], np.zeros(codec.PAD, np.uint8)]),
+    }
+    if mode == "lossless":
+        sections["values"] = enc["values"]
+    meta = {"k": k, "mode": mode, "value_dtype": enc["value_dtype"], "num_samples": n, "seq_len": seq_len,
+            "rows": int(len(ids)), "start": start, "stop": start + n if stop is None else stop,
+            "vocab_size": vocab_size}
+    parts, header = serialise_shard(sections, meta)
+    kl, err = enc["stats"]["kl"], enc["stats"]["max_abs_err"]
+    stats = {"rows": int(len(ids)), "max_kl": float(kl.max()) if len(kl) else 0.0,
+             "mean_kl": float(kl.mean()) if len(kl) else 0.0,
+             "max_abs_logp_err": float(err.max()) if len(err) else 0.0,
+             "mean_max_abs_logp_err": float(err.mean()) if len(err) else 0.0}
+    return parts, header, stats
+
+
+def write_shard(cache_dir: Path, index: int, start: int, stop: int, parts: list, stats: dict) -> None:
+    """Publish a shard: the file first, then the sidecar that marks it complete."""
+    digest = hashlib.sha256()
+    for p in parts:
+        digest.update(p)
+    size = sum(len(p) for p in parts)
+    _fsync_write(_shard_file(cache_dir, index), parts)
+    sidecar = {"index": index, "file": _shard_file(cache_dir, index).name, "start": start, "stop": stop,
+               "bytes": size, "sha256": digest.hexdigest(), **stats}
+    _fsync_write(_sidecar(cache_dir, index), json.dumps(sidecar, sort_keys=True).encode())
 
 
 def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
-    """The manifest fields that a cache for this recipe must have (everything but the shard list)."""
+    """The fingerprint fields a cache for this recipe must have (what `check_matches` compares)."""
+    from .data import IGNORE_INDEX
     from .models import model_fingerprint, tokenizer_fingerprint
 
+    targets = (data.targets != IGNORE_INDEX).numpy()
     return {
         "format": FORMAT, "k": recipe.teacher_source.top_k, "seq_len": recipe.data.max_seq_len,
         "vocab_size": vocab_size, "num_samples": len(data),
         "teacher": model_fingerprint(recipe.teacher),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        "dataset": {"source": data.source, "max_samples": recipe.data.max_samples,
-                    "token_ids_sha256": data.fingerprint},
-        "dtypes": {"topk_ids": "int32", "topk_logits": "float32", "lse": "float32"},
+        "dataset": {"source": data.source, "split": recipe.data.split, "max_samples": recipe.data.max_samples,
+                    "token_ids_sha256": data.fingerprint,
+                    "targets_sha256": hashlib.sha256(np.packbits(targets, axis=1).tobytes()).hexdigest()},
     }
 
 
+def _load_teacher(recipe, quantize: str):
+    """The teacher model (optionally bitsandbytes 8/4-bit, which needs CUDA), eval mode, on the best device."""
+    from .models import load_model
+
+    if quantize == "none":
+        model = load_model(recipe.teacher, "teacher").eval()
+        return model.to("cuda") if torch.cuda.is_available() else model
+    if not torch.cuda.is_available():
+        raise UserError(f"--quantize {quantize} (bitsandbytes) needs a CUDA device; none is visible here. "
+                        "Build with --quantize none (the teacher in teacher.dtype)")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise UserError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes ({err})") from None
+    config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return load_model(recipe.teacher, "teacher", quantization_config=config, device_map={"": local}).eval()
+
+
 def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_per_shard: int = 4096,
-                rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+                rank: int = 0, world_size: int = 1, progress: bool = True, mode: str = "kl",
+                max_kl: float = 1e-3, quantize: str = "none") -> dict:
     """Run the teacher over the recipe's training data and write this worker's missing shards.
 
     Returns the manifest without its shard list; `finalize_cache` completes it.
@@ -120,10 +270,14 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
     from tqdm import tqdm
 
     from .data import load_tokenized
-    from .models import load_model, load_tokenizer, tokenizer_fingerprint
+    from .models import load_tokenizer, tokenizer_fingerprint
 
     if recipe.teacher_source.cache_dir is None:
         raise UserError("teacher_source.cache_dir is not set: where should the cache go?")
+    if mode not in codec.MODES:
+        raise UserError(f"--mode {mode}: expected one of {', '.join(codec.MODES)}")
+    if not 0 < max_kl < 1:
+        raise UserError(f"--max-kl {max_kl}: must lie in (0, 1) nats")
     cache_dir = Path(recipe.teacher_source.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.teacher, "teacher")
@@ -135,44 +289,162 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
                         "tokenizer, or a cross-tokenizer strategy (sequence-level KD on teacher text)")
     data = load_tokenized(recipe.data.train, tokenizer, recipe.data, recipe.data.max_samples)
     vocab_size = len(tokenizer)
+    k = recipe.teacher_source.top_k
+    if k > vocab_size:
+        raise UserError(f"teacher_source.top_k={k} is larger than the vocabulary ({vocab_size} tokens)")
     manifest = expected_manifest(recipe, tokenizer, data, vocab_size)
-    manifest["samples_per_shard"] = samples_per_shard
+    manifest["teacher"]["quantization"] = quantize
+    manifest.update(samples_per_shard=samples_per_shard,
+                    codec={"mode": mode, "max_kl": max_kl if mode == "kl" else 0.0, "block": codec.BLOCK,
+                           "ids": "ascending, gap-coded, bit-packed in blocks of 8 at the block's width",
+                           "values": ("per-row coarse b-bit levels + e-bit refinement of the head, exact "
+                                      "top-k KL <= max_kl" if mode == "kl" else "raw logits fp32 (bf16 when exact)"),
+                           "rows": "positions with targets != -100"})
     num_total = (len(data) + samples_per_shard - 1) // samples_per_shard
     workers, worker = num_shards * world_size, shard_index * world_size + rank
     mine = [s for s in range(num_total) if s % workers == worker and not shard_done(cache_dir, s)]
     if not mine:
         return manifest
-    model = load_model(recipe.teacher, "teacher").eval()
+    for s in mine:  # leftovers of a killed run of this worker (temporary files are never read)
+        for stale in cache_dir.glob(f".{shard_name(s)}.*.tmp*"):
+            stale.unlink(missing_ok=True)
+    model = _load_teacher(recipe, quantize)
     if model.config.vocab_size < vocab_size:
         raise UserError(f"teacher vocab_size={model.config.vocab_size} is smaller than its tokenizer's {vocab_size}")
-    seq_len = data.input_ids.shape[1]
-    tokens = sum(min(samples_per_shard, len(data) - s * samples_per_shard) for s in mine) * seq_len
-    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"cache[{worker}]", disable=not progress)
-    for s in mine:
-        start, stop = s * samples_per_shard, min((s + 1) * samples_per_shard, len(data))
-        tensors = build_shard(model, data, start, stop, manifest["k"], vocab_size, recipe.teacher_source.batch_size)
-        write_shard(cache_dir, s, start, stop, tensors)
-        bar.update((stop - start) * seq_len)
+    spans = [(s, s * samples_per_shard, min((s + 1) * samples_per_shard, len(data))) for s in mine]
+    tokens = int(sum(int(data.attention_mask[a:b].sum()) for _, a, b in spans))
+    started, written, rows, worst = time.time(), 0, 0, 0.0
+    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"cache[{worker}/{workers}]", disable=not progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens [{elapsed}<{remaining}, {rate_fmt}]")
+    for s, start, stop in spans:
+        parts, _, stats = build_shard(model, data, start, stop, k, vocab_size, recipe.teacher_source.batch_size,
+                                      mode, max_kl, bar)
+        write_shard(cache_dir, s, start, stop, parts, stats)
+        written += sum(len(p) for p in parts)
+        rows += stats["rows"]
+        worst = max(worst, stats["max_kl"])
     bar.close()
+    took = time.time() - started
+    if progress or rank == 0:
+        print(f"cache worker {worker}/{workers}: {len(spans)} shards, {tokens} tokens in {took:.1f}s "
+              f"({tokens / max(took, 1e-9):.0f} tok/s), {rows} target rows, {written / max(rows, 1):.1f} bytes/row, "
+              f"max top-k KL {worst:.2e} nats", flush=True)
     return manifest
 
 
 def finalize_cache(cache_dir: str | Path, manifest: dict) -> bool:
-    """Write manifest.json (with every shard's range and sha256) once all shards exist; True if written."""
+    """Write manifest.json (every shard's range, size and sha256; error totals) once all shards exist; True if written."""
     cache_dir = Path(cache_dir)
     per_shard = manifest["samples_per_shard"]
     num_total = (manifest["num_samples"] + per_shard - 1) // per_shard
     if not all(shard_done(cache_dir, s) for s in range(num_total)):
         return False
-    shards = [json.loads((cache_dir / f"{shard_name(s)}.json").read_text()) for s in range(num_total)]
-    manifest = dict(manifest, shards=[{"file": f"{shard_name(x['index'])}.safetensors", "start": x["start"],
-                                       "stop": x["stop"], "sha256": x["sha256"]} for x in shards])
-    _fsync_write(cache_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
+    sides = [json.loads(_sidecar(cache_dir, s).read_text()) for s in range(num_total)]
+    rows = sum(x["rows"] for x in sides)
+    manifest = dict(manifest, rows=rows, shards=[
+        {key: x[key] for key in ("file", "start", "stop", "bytes", "sha256", "rows")} for x in sides])
+    manifest["error"] = {
+        "max_topk_kl": max((x["max_kl"] for x in sides), default=0.0),
+        "mean_topk_kl": sum(x["mean_kl"] * x["rows"] for x in sides) / max(rows, 1),
+        "max_abs_logp_err": max((x["max_abs_logp_err"] for x in sides), default=0.0),
+        "mean_max_abs_logp_err": sum(x["mean_max_abs_logp_err"] * x["rows"] for x in sides) / max(rows, 1)}
+    _fsync_write(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return True
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+class _Shard:
+    """One memory-mapped shard file, its sections checked against its header and the manifest."""
+
+    def __init__(self, path: Path, entry: dict, manifest: dict):
+        self.path = path
+        if not path.is_file():
+            raise UserError(f"teacher cache shard {path} is missing (listed in the manifest): re-run dd-cache build "
+                            "with the same recipe to rebuild it")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise UserError(f"teacher cache shard {path} fails its size check: {size} bytes, the manifest records "
+                            f"{entry['bytes']} (truncated or replaced); delete it and its .json and re-run dd-cache build")
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        if bytes(mm[:len(MAGIC)]) != MAGIC:
+            raise UserError(f"teacher cache shard {path} fails its magic-number check: not a {FORMAT} shard")
+        (head_len,) = struct.unpack("<Q", bytes(mm[len(MAGIC):len(MAGIC) + 8]))
+        try:
+            self.header = json.loads(bytes(mm[len(MAGIC) + 8:len(MAGIC) + 8 + head_len]))
+        except ValueError:
+            raise UserError(f"teacher cache shard {path} fails its header check: the JSON header is unreadable") from None
+        h = self.header
+        for key in ("k", "seq_len", "vocab_size"):
+            if h[key] != manifest[key]:
+                raise UserError(f"teacher cache shard {path} fails its header check: {key}={h[key]}, the manifest "
+                                f"says {manifest[key]}")
+        if (h["start"], h["stop"]) != (entry["start"], entry["stop"]):
+            raise UserError(f"teacher cache shard {path} fails its range check: samples [{h['start']}, {h['stop']}), "
+                            f"the manifest says [{entry['start']}, {entry['stop']})")
+        header_dtype = codec.HEADER_KL if h["mode"] == "kl" else codec.HEADER_LOSSLESS
+        self.s = {}
+        base = _data_start(head_len)
+        for name, (off, nbytes, dtype, shape) in h["sections"].items():
+            if base + off + nbytes > size:
+                raise UserError(f"teacher cache shard {path} fails its section check: {name} ends past the file")
+            self.s[name] = mm[base + off:base + off + nbytes].view(np.dtype(dtype)).reshape(shape)
+        self.s["header"] = self.s["header"].view(header_dtype).reshape(-1)
+        self.k, self.mode, self.value_dtype = h["k"], h["mode"], h["value_dtype"]
+        self.seq_len, self.vocab_size, self.start = h["seq_len"], h["vocab_size"], h["start"]
+        self.nb2 = self.s["widths"].shape[1] if self.s["widths"].ndim == 2 else 0
+
+    def decode(self, local: np.ndarray):
+        """Rows of samples `local` (shard-relative): ids int32 [R, k], values fp32 [R, k], lse [R], positions mask [n, L].
+
+        The samples' byte ranges of both streams are copied out of the memory map into one
+        compact buffer each (the only reads of the shard), then decoded with local offsets.
+        """
+        s = self.s
+        first, last = s["row_start"][local], s["row_start"][local + 1]
+        counts = (last - first).astype(np.int64)
+        rows = np.repeat(first - _excl(counts), counts) + np.arange(int(counts.sum()))
+        seg = np.repeat(np.arange(len(local)), counts)
+        header = s["header"][rows]
+        widths = s["widths"][rows]
+        nb = codec._kpad(self.k) // codec.BLOCK
+        id_w = codec.id_widths_from_codes(codec.unpack_nibbles(widths, nb), self.vocab_size)
+        len_a = id_w.sum(axis=1)
+        if self.mode == "kl":
+            len_a += nb * ((header["be"] & 15).astype(np.int64) + 1)
+        buf_a, start_a = _gather_ranges(s["stream_a"], s["a_start"][local], s["a_start"][local + 1])
+        buf_b, start_b = _gather_ranges(s["stream_b"], s["b_start"][local], s["b_start"][local + 1])
+        csum = _excl(len_a)
+        first_row = np.minimum(_excl(counts), max(len(csum) - 1, 0))
+        off_a = np.repeat(start_a, counts) + csum - (np.repeat(csum[first_row], counts) if len(csum) else 0)
+        values = s["values"][rows] if self.mode == "lossless" else None
+        ids, vals, lse = codec.decode_rows(self.k, self.vocab_size, self.mode, self.value_dtype, header, widths,
+                                           buf_a, off_a, values, buf_b, np.repeat(start_b, counts), seg)
+        mask = np.unpackbits(s["row_mask"][local], axis=1, count=self.seq_len, bitorder="little").astype(bool)
+        return ids, vals, lse, mask
+
+
+def _gather_ranges(stream: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes [lo_i, hi_i) of `stream` for each i, concatenated and padded; and where each range starts."""
+    lengths = (hi - lo).astype(np.int64)
+    starts = _excl(lengths)
+    if len(lo) > 1 and np.all(lo[1:] == hi[:-1]):  # consecutive samples: one slice
+        return np.concatenate([stream[lo[0]:hi[-1]], np.zeros(codec.PAD, np.uint8)]), starts
+    return np.concatenate([stream[a:b] for a, b in zip(lo, hi)] + [np.zeros(codec.PAD, np.uint8)]), starts
+
+
+def _excl(x: np.ndarray) -> np.ndarray:
+    return np.cumsum(x) - x
+
+
 class TeacherCache:
-    """Random access to a built cache by sample index (shards memory-mapped through safetensors)."""
+    """Random access to a built cache by sample index; shards are memory-mapped on first use.
+
+    Safe to use from DataLoader workers: the memory maps are opened lazily in each process and
+    are not pickled.
+    """
 
     def __init__(self, cache_dir: str | Path):
         self.dir = Path(cache_dir)
@@ -180,55 +452,110 @@ class TeacherCache:
         if not path.is_file():
             raise UserError(f"teacher cache {self.dir}: no {MANIFEST} (the cache is missing or its build did not "
                             "finish; run dd-cache with this recipe)")
-        self.manifest = json.loads(path.read_text())
+        try:
+            self.manifest = json.loads(path.read_text())
+        except ValueError as err:
+            raise UserError(f"teacher cache manifest {path} fails its JSON check: {err}") from None
         if self.manifest.get("format") != FORMAT:
-            raise UserError(f"teacher cache {path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        self._handles: dict[int, object] = {}
+            raise UserError(f"teacher cache manifest {path} fails its format check: format "
+                            f"{self.manifest.get('format')!r}, this reader needs {FORMAT!r}; rebuild the cache")
+        self._shards: dict[int, _Shard] = {}
         self._starts = [s["start"] for s in self.manifest["shards"]]
 
+    def __getstate__(self):
+        return {"dir": self.dir, "manifest": self.manifest, "_starts": self._starts, "_shards": {}}
+
     def check_matches(self, expected: dict) -> None:
-        """Refuse a cache built for another tokenizer, sequence length, dataset or a smaller k."""
+        """Refuse a cache built for another tokenizer, sequence length, vocabulary, dataset or a smaller k."""
         m = self.manifest
+        where = self.dir / MANIFEST
         checks = [
             ("tokenizer", m["tokenizer_sha256"], expected["tokenizer_sha256"]),
             ("sequence length (data.max_seq_len)", m["seq_len"], expected["seq_len"]),
             ("vocabulary size", m["vocab_size"], expected["vocab_size"]),
             ("dataset token ids", m["dataset"]["token_ids_sha256"], expected["dataset"]["token_ids_sha256"]),
         ]
+        if "targets_sha256" in expected.get("dataset", {}):
+            checks.append(("target positions (prompt/answer split)", m["dataset"]["targets_sha256"],
+                           expected["dataset"]["targets_sha256"]))
+        if "num_samples" in expected:
+            checks.append(("number of samples", m["num_samples"], expected["num_samples"]))
         for what, have, want in checks:
             if have != want:
                 raise UserError(f"teacher cache {self.dir} was built for another {what}: the cache has {have!r}, "
-                                f"this recipe needs {want!r}. Rebuild the cache with dd-cache for this recipe, "
-                                "or point teacher_source.cache_dir at the matching cache")
+                                f"this recipe needs {want!r} ({where} fails the {what} check). Rebuild the cache "
+                                "with dd-cache for this recipe, or point teacher_source.cache_dir at the matching cache")
         if m["k"] < expected["k"]:
             raise UserError(f"teacher cache {self.dir} keeps k={m['k']} logits per token, the recipe asks "
-                            f"teacher_source.top_k={expected['k']}")
+                            f"teacher_source.top_k={expected['k']} ({where} fails the k check)")
 
-    def _shard(self, index: int):
-        if index not in self._handles:
-            from safetensors import safe_open
+    def shard(self, index: int) -> _Shard:
+        if index not in self._shards:
+            entry = self.manifest["shards"][index]
+            self._shards[index] = _Shard(self.dir / entry["file"], entry, self.manifest)
+        return self._shards[index]
 
-            file = self.dir / self.manifest["shards"][index]["file"]
-            if not file.is_file():
-                raise UserError(f"teacher cache {self.dir}: shard {file.name} listed in the manifest is missing")
-            self._handles[index] = safe_open(str(file), framework="pt")
-        return self._handles[index]
+    def rows(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Stored rows of samples `indices`, in order: ids int32 [R, K], raw logits fp32 [R, K], lse [R],
+        and the positions that hold them, bool [B, L] (row-major order of the True entries)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.manifest["num_samples"]):
+            raise IndexError(f"sample index out of range [0, {self.manifest['num_samples']})")
+        shard_of = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
+        parts, masks = [], np.zeros((len(idx), self.manifest["seq_len"]), dtype=bool)
+        # consecutive runs of the same shard keep the output in request order
+        cut = np.flatnonzero(np.diff(shard_of)) + 1
+        for run in np.split(np.arange(len(idx)), cut):
+            if len(run) == 0:
+                continue
+            sh = self.shard(int(shard_of[run[0]]))
+            ids, vals, lse, mask = sh.decode(idx[run] - sh.start)
+            parts.append((ids, vals, lse))
+            masks[run] = mask
+        if len(parts) == 1:
+            return (*parts[0], masks)
+        return (*(np.concatenate([p[i] for p in parts]) for i in range(3)), masks)
 
     def fetch(self, indices: torch.Tensor, k: int | None = None):
-        """Teacher signal for samples `indices` (int64 [B]): ids int64 [B, L, k], logits fp32 [B, L, k], lse fp32 [B, L]."""
-        import bisect
+        """Teacher signal for samples `indices` (int64 [B]): ids int64 [B, L, k], logits fp32 [B, L, k], lse fp32 [B, L].
 
-        k = k or self.manifest["k"]
-        ids, logits, lse = [], [], []
-        for i in indices.tolist():
-            s = bisect.bisect_right(self._starts, i) - 1
-            row = i - self._starts[s]
-            handle = self._shard(s)
-            ids.append(handle.get_slice("topk_ids")[row:row + 1][..., :k])
-            logits.append(handle.get_slice("topk_logits")[row:row + 1][..., :k])
-            lse.append(handle.get_slice("lse")[row:row + 1])
-        return torch.cat(ids).long(), torch.cat(logits), torch.cat(lse)
+        ``logits - lse[..., None]`` are the teacher's full-vocabulary log-probabilities (T=1). The k
+        entries of a row are in ascending id order (not value order). Positions without a stored
+        row (``targets == IGNORE_INDEX``) hold zeros. With ``k`` below the cache's k, each row keeps
+        its k most probable entries.
+        """
+        kk = self.manifest["k"] if k is None else k
+        if kk > self.manifest["k"]:
+            raise UserError(f"teacher cache {self.dir} keeps k={self.manifest['k']} logits per token, asked for {kk}")
+        ids, vals, lse, mask = self.rows(indices.cpu().numpy() if torch.is_tensor(indices) else indices)
+        ids, vals = torch.from_numpy(ids), torch.from_numpy(vals)
+        if kk < ids.shape[1]:
+            vals, pick = vals.topk(kk, dim=1, sorted=False)
+            ids = ids.gather(1, pick)
+        b, length = mask.shape
+        mask_t = torch.from_numpy(mask)
+        out_ids = torch.zeros(b, length, kk, dtype=torch.int64)
+        out_vals = torch.zeros(b, length, kk, dtype=torch.float32)
+        out_lse = torch.zeros(b, length, dtype=torch.float32)
+        out_ids[mask_t] = ids.long()
+        out_vals[mask_t] = vals
+        out_lse[mask_t] = torch.from_numpy(lse)
+        return out_ids, out_vals, out_lse
 
+    def row_mask(self, indices) -> torch.Tensor:
+        """bool [B, L]: the positions of samples `indices` that hold a teacher row."""
+        idx = np.asarray(indices.cpu().numpy() if torch.is_tensor(indices) else indices, dtype=np.int64)
+        shard_of = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
+        out = np.zeros((len(idx), self.manifest["seq_len"]), dtype=bool)
+        for i, (s, j) in enumerate(zip(shard_of, idx)):
+            sh = self.shard(int(s))
+            out[i] = np.unpackbits(sh.s["row_mask"][j - sh.start], count=sh.seq_len, bitorder="little").astype(bool)
+        return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
 
 def _cmd_build(args) -> int:
     from .distributed import init_from_env
@@ -239,7 +566,8 @@ def _cmd_build(args) -> int:
     started = time.time()
     manifest = build_cache(recipe, shard_index=args.shard_index, num_shards=args.num_shards,
                            samples_per_shard=args.samples_per_shard, rank=rank, world_size=world,
-                           progress=rank == 0)
+                           progress=rank == 0 and not args.quiet, mode=args.mode, max_kl=args.max_kl,
+                           quantize=args.quantize)
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
@@ -247,20 +575,29 @@ def _cmd_build(args) -> int:
         if finalize_cache(where, manifest):
             print(f"teacher cache complete: {where} ({time.time() - started:.1f}s)\n" + info_text(where))
         else:
-            print(f"this worker's shards are written to {where}; the manifest is written when all shards exist")
+            print(f"this worker's shards are written to {where}; the manifest is written when all shards exist "
+                  "(re-run any task, or the last one to finish writes it)")
     return 0
 
 
 def info_text(cache_dir: str | Path) -> str:
-    """Summary of a cache: k, samples, tokens, bytes per token, compression vs dense bf16 logits."""
+    """Summary of a cache: k, samples, tokens with a row, bytes per token, compression vs dense bf16 and raw top-k."""
     cache = TeacherCache(cache_dir)
     m = cache.manifest
-    tokens = m["num_samples"] * m["seq_len"]
-    size = sum((cache.dir / s["file"]).stat().st_size for s in m["shards"])
+    rows = max(m["rows"], 1)
+    size = sum(s["bytes"] for s in m["shards"])
     dense = 2 * m["vocab_size"]
-    return (f"format {m['format']}  k={m['k']}  samples={m['num_samples']}  tokens={tokens}  "
-            f"vocab={m['vocab_size']}\nbytes/token={size / tokens:.1f}  (dense bf16 logits: {dense} bytes/token, "
-            f"ratio {dense * tokens / size:.2f}x)")
+    raw = m["k"] * (2 + 4) + 4  # bf16 values + int32 ids + fp32 lse
+    err = m.get("error", {})
+    codec_line = m["codec"]["mode"] + (f" (max top-k KL bound {m['codec']['max_kl']:g} nats)" if m["codec"]["mode"] == "kl" else "")
+    return (f"format {m['format']}  k={m['k']}  samples={m['num_samples']}  tokens with a row={m['rows']}  "
+            f"vocab={m['vocab_size']}  seq_len={m['seq_len']}\n"
+            f"codec {codec_line}\n"
+            f"bytes/token={size / rows:.1f}  (all files: {size} bytes)\n"
+            f"vs dense bf16 logits ({dense} bytes/token): {dense * rows / size:.1f}x smaller\n"
+            f"vs raw top-k bf16 values + int32 ids + fp32 lse ({raw} bytes/token): {raw * rows / size:.2f}x smaller\n"
+            f"measured error: max top-k KL {err.get('max_topk_kl', 0):.3g} nats (mean {err.get('mean_topk_kl', 0):.3g}), "
+            f"max |log-prob error| {err.get('max_abs_logp_err', 0):.3g}")
 
 
 def _cmd_info(args) -> int:
@@ -268,16 +605,33 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_verify(args) -> int:
-    cache = TeacherCache(args.cache_dir)
-    for shard in cache.manifest["shards"]:
+def verify_cache(cache_dir: str | Path) -> int:
+    """Check the manifest and every shard (presence, size, sha256, header); returns the number of shards."""
+    cache = TeacherCache(cache_dir)
+    m = cache.manifest
+    for key in ("k", "seq_len", "vocab_size", "num_samples", "tokenizer_sha256", "dataset", "teacher", "codec", "shards"):
+        if key not in m:
+            raise UserError(f"teacher cache manifest {cache.dir / MANIFEST} fails its field check: no {key!r}")
+    expect = 0
+    for i, shard in enumerate(m["shards"]):
         path = cache.dir / shard["file"]
-        if not path.is_file():
-            raise UserError(f"teacher cache {cache.dir}: shard {shard['file']} is missing")
+        if shard["start"] != expect:
+            raise UserError(f"teacher cache manifest {cache.dir / MANIFEST} fails its coverage check: {shard['file']} "
+                            f"starts at sample {shard['start']}, expected {expect}")
+        expect = shard["stop"]
+        cache.shard(i)  # presence, size, magic, header, ranges
         if sha256_file(path) != shard["sha256"]:
-            raise UserError(f"teacher cache {cache.dir}: shard {shard['file']} fails its sha256 check "
-                            "(corrupted or truncated); delete it and its .json and re-run dd-cache build")
-    print(f"ok: {len(cache.manifest['shards'])} shards verified in {cache.dir}")
+            raise UserError(f"teacher cache shard {path} fails its sha256 check (corrupted); delete it and its "
+                            ".json and re-run dd-cache build")
+    if expect != m["num_samples"]:
+        raise UserError(f"teacher cache manifest {cache.dir / MANIFEST} fails its coverage check: shards end at "
+                        f"sample {expect}, the dataset has {m['num_samples']}")
+    return len(m["shards"])
+
+
+def _cmd_verify(args) -> int:
+    n = verify_cache(args.cache_dir)
+    print(f"ok: manifest and {n} shards verified in {args.cache_dir}")
     return 0
 
 
@@ -285,18 +639,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dd-cache", description="Build, inspect and verify a teacher top-k logit cache.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="run the teacher over the recipe's training data and write the cache")
-    build.add_argument("recipe", help="YAML recipe (teacher, data, teacher_source.cache_dir/top_k)")
+    build.add_argument("recipe", help="YAML recipe (teacher, data, teacher_source.cache_dir/top_k/batch_size)")
     build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set teacher_source.top_k=32 (repeatable)")
     build.add_argument("--shard-index", type=int, default=0, help="this task's index in a SLURM array (0-based)")
     build.add_argument("--num-shards", type=int, default=1, help="number of tasks sharing the work")
     build.add_argument("--samples-per-shard", type=int, default=4096, help="samples per cache shard file")
+    build.add_argument("--mode", choices=codec.MODES, default="kl",
+                       help="value coding: kl (lossy, top-k KL per token <= --max-kl) or lossless (default kl)")
+    build.add_argument("--max-kl", type=float, default=1e-3,
+                       help="mode kl: bound on KL(exact || stored) of each token's top-k distribution, nats (default 1e-3)")
+    build.add_argument("--quantize", choices=("none", "8bit", "4bit"), default="none",
+                       help="load the teacher with bitsandbytes 8-bit or 4-bit (NF4) weights; needs CUDA (default none)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     build.set_defaults(func=_cmd_build)
-    info = sub.add_parser("info", help="print k, tokens and bytes per token of a cache")
+    info = sub.add_parser("info", help="print k, tokens, bytes per token and compression of a cache")
     info.add_argument("cache_dir", help="cache directory")
     info.set_defaults(func=_cmd_info)
-    verify = sub.add_parser("verify", help="check the manifest and every shard checksum")
+    verify = sub.add_parser("verify", help="check the manifest and every shard (size, header, sha256)")
     verify.add_argument("cache_dir", help="cache directory")
     verify.set_defaults(func=_cmd_verify)
     args = parser.parse_args(argv)

@@ -76,6 +76,8 @@ class TeacherSourceSpec:
     """Teacher logits kept per token when building the cache."""
     batch_size: int = 32
     """Samples per teacher forward pass when building the cache."""
+    load_in_8bit: bool = False
+    """kind=colocated: load the frozen teacher with bitsandbytes 8-bit weights (needs CUDA)."""
     tp_size: int = 1
     """kind=group: tensor-parallel ranks per teacher group (within a node)."""
     num_groups: int = 1

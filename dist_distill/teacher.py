@@ -73,3 +73,26 @@ class ColocatedTeacher:
         return TeacherSignal(hidden=out.last_hidden_state[mask], weight=head.weight, bias=head.bias,
                              layer_hidden=out.hidden_states if self.need_layers else None,
                              attentions=out.attentions if self.need_attentions else None)
+
+
+def load_colocated_teacher(spec, device: torch.device, load_in_8bit: bool = False):
+    """The frozen teacher of a colocated source, replicated on this rank; optionally in 8-bit.
+
+    8-bit (bitsandbytes LLM.int8 weights, about half the memory of bf16) needs CUDA: bitsandbytes
+    imports on CPU but its 8-bit matmul does not run there, so a CPU request is refused up front.
+    """
+    from .errors import UserError
+    from .models import load_model
+
+    if not load_in_8bit:
+        return load_model(spec, "teacher").to(device)
+    if device.type != "cuda":
+        raise UserError("an 8-bit colocated teacher (bitsandbytes) needs a CUDA device; this rank runs on "
+                        f"{device.type}: load the teacher in bf16/fp32 instead (teacher.dtype)")
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"an 8-bit colocated teacher needs bitsandbytes: pip install bitsandbytes ({err})") from None
+    return load_model(spec, "teacher", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                      device_map={"": device.index or 0})

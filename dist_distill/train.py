@@ -189,8 +189,8 @@ class Trainer:
         """The recipe's teacher source (None for hard labels only); built before ZeRO-3's model init
         so that a colocated teacher is an ordinary replicated module."""
         from .cache import TeacherCache
-        from .models import load_model, load_tokenizer, tokenizer_fingerprint
-        from .teacher import CacheTeacher, ColocatedTeacher
+        from .models import load_tokenizer, tokenizer_fingerprint
+        from .teacher import CacheTeacher, ColocatedTeacher, load_colocated_teacher
 
         r = self.recipe
         device = torch.device(get_accelerator_device())
@@ -208,8 +208,8 @@ class Trainer:
             if tokenizer_fingerprint(load_tokenizer(r.teacher, "teacher")) != tokenizer_fingerprint(self.tokenizer):
                 raise UserError(f"teacher {r.teacher.name_or_path} and student {r.student.name_or_path} use different "
                                 "tokenizers: token-level logit distillation is invalid across vocabularies")
-            return ColocatedTeacher(load_model(r.teacher, "teacher").to(device), need_layers=r.uses_term("hidden"),
-                                    need_attentions=r.uses_term("attention"))
+            return ColocatedTeacher(load_colocated_teacher(r.teacher, device, r.teacher_source.load_in_8bit),
+                                    need_layers=r.uses_term("hidden"), need_attentions=r.uses_term("attention"))
         return None
 
     def _scheduler(self, optimizer):

@@ -1,19 +1,23 @@
-"""Tokenized data alignment and the teacher top-k cache: build, read, resume, refuse mismatches."""
+"""Tokenized data alignment and the teacher top-k cache: build, read, resume, refuse mismatches and corruption."""
 
 import json
+import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
+from dist_distill import cache as cache_mod
 from dist_distill.cache import (TeacherCache, build_cache, finalize_cache, info_text, main as cache_main,
-                                shard_name, teacher_topk)
+                                shard_name, teacher_topk, verify_cache)
+from dist_distill.cache_codec import topk_kl
 from dist_distill.data import IGNORE_INDEX, load_tokenized
 from dist_distill.errors import UserError
 from dist_distill.models import load_model, load_tokenizer
 from dist_distill.recipe import DataSpec, ModelSpec, load_recipe
 
-from conftest import REPO, world_overrides
+from conftest import REPO, torchrun, world_overrides
 
 
 def recipe_for(world, tmp_path, *extra):
@@ -44,42 +48,107 @@ def test_missing_data_file():
         load_tokenized("/nonexistent/train.jsonl", None, DataSpec(train="x"))
 
 
-def test_cache_matches_direct_teacher(tiny_world, tmp_path):
-    recipe = recipe_for(tiny_world, tmp_path)
-    manifest = build_cache(recipe, samples_per_shard=100, progress=False)
+def built(recipe, **kw):
+    manifest = build_cache(recipe, samples_per_shard=kw.pop("samples_per_shard", 100), progress=False, **kw)
     assert finalize_cache(recipe.teacher_source.cache_dir, manifest)
-    cache = TeacherCache(recipe.teacher_source.cache_dir)
-    assert len(cache.manifest["shards"]) == 3  # 256 samples, 100 per shard
+    return TeacherCache(recipe.teacher_source.cache_dir)
+
+
+def direct_teacher(recipe, idx):
+    """The teacher's top-k at the target positions of samples idx, sorted by id like the cache: (mask, ids, z, lse)."""
     tok = load_tokenizer(recipe.teacher, "teacher")
     data = load_tokenized(recipe.data.train, tok, recipe.data)
     model = load_model(recipe.teacher, "teacher").eval()
+    ids, z, lse = teacher_topk(model, data.input_ids[idx], data.attention_mask[idx], recipe.teacher_source.top_k, len(tok))
+    order = ids.argsort(dim=-1)
+    return data.targets[idx] != IGNORE_INDEX, ids.gather(-1, order).long(), z.gather(-1, order), lse
+
+
+def files(cache_dir):
+    return {p.name: p.read_bytes() for p in sorted(cache_dir.iterdir())}
+
+
+def test_lossless_cache_round_trips_the_teacher_exactly(tiny_world, tmp_path):
+    recipe = recipe_for(tiny_world, tmp_path)
+    cache = built(recipe, mode="lossless")
+    assert len(cache.manifest["shards"]) == 3  # 256 samples, 100 per shard
     idx = torch.tensor([0, 99, 100, 255, 7])
     ids, logits, lse = cache.fetch(idx)
-    want_ids, want_logits, want_lse = teacher_topk(model, data.input_ids[idx], data.attention_mask[idx],
-                                                   recipe.teacher_source.top_k, len(tok))
-    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
-    assert torch.equal(ids, want_ids.long())
-    assert ids.max() < len(tok)  # top-k over the real vocabulary, never the padded rows
-    assert "k=8" in info_text(recipe.teacher_source.cache_dir)
+    mask, want_ids, want_z, want_lse = direct_teacher(recipe, idx)
+    assert ids.shape == (5, 16, 8) and logits.dtype == torch.float32 and lse.shape == (5, 16)
+    assert torch.equal(ids[mask], want_ids[mask]) and torch.equal(logits[mask], want_z[mask])  # bit-exact
+    assert torch.equal(lse[mask], want_lse[mask])
+    assert (logits[~mask] == 0).all() and (ids[~mask] == 0).all()  # positions without a loss hold no row
+    assert torch.equal(cache.row_mask(idx), mask)
+    assert ids.max() < cache.manifest["vocab_size"]  # top-k over the real vocabulary, never the padded rows
+    text = info_text(recipe.teacher_source.cache_dir)
+    assert "k=8" in text and "codec lossless" in text and "bytes/token=" in text
 
 
-def test_interrupted_build_resumes_identically(tiny_world, tmp_path):
+def test_kl_cache_error_within_its_bound_on_the_teacher(tiny_world, tmp_path):
+    """Default lossy mode on the tiny teacher's real outputs: per-token top-k KL <= 1e-3, ids exact."""
     recipe = recipe_for(tiny_world, tmp_path)
-    manifest = build_cache(recipe, samples_per_shard=100, progress=False)
-    finalize_cache(recipe.teacher_source.cache_dir, manifest)
+    cache = built(recipe)
+    assert cache.manifest["codec"]["mode"] == "kl" and cache.manifest["codec"]["max_kl"] == 1e-3
+    idx = torch.arange(256)
+    ids, logits, lse = cache.fetch(idx)
+    mask, want_ids, want_z, want_lse = direct_teacher(recipe, idx)
+    assert torch.equal(ids[mask], want_ids[mask])
+    logp, want_logp = (logits - lse[..., None])[mask], (want_z - want_lse[..., None])[mask]
+    kl = topk_kl(want_logp.numpy(), logp.numpy())
+    assert kl.max() <= 1e-3 * (1 + 1e-6), kl.max()
+    err = (logp - want_logp).abs().max().item()
+    recorded = cache.manifest["error"]
+    assert recorded["max_topk_kl"] == pytest.approx(kl.max(), rel=1e-3, abs=1e-9)
+    assert recorded["max_abs_logp_err"] == pytest.approx(err, rel=1e-3, abs=1e-6)
+    # the most probable token of every row is reconstructed to the float32 rounding of m + lse - lse
+    top = want_logp.argmax(dim=-1)
+    assert (logp.gather(1, top[:, None]) - want_logp.gather(1, top[:, None])).abs().max() < 1e-5
+
+
+def test_fetch_with_smaller_k_keeps_the_most_probable(tiny_world, tmp_path):
+    recipe = recipe_for(tiny_world, tmp_path)
+    cache = built(recipe, mode="lossless")
+    idx = torch.tensor([5, 200])
+    ids, logits, _ = cache.fetch(idx, 3)
+    mask, want_ids, want_z, _ = direct_teacher(recipe, idx)
+    top_z, pick = want_z.topk(3, dim=-1)
+    got = logits[mask].sort(dim=-1, descending=True).values
+    assert ids.shape == (2, 16, 3) and torch.equal(got, top_z[mask])
+    assert torch.equal(ids[mask].sort(dim=-1).values, want_ids.gather(-1, pick)[mask].sort(dim=-1).values)
+
+
+@pytest.mark.faults(2)
+def test_interrupted_build_resumes_identically(tiny_world, tmp_path, monkeypatch):
+    recipe = recipe_for(tiny_world, tmp_path)
     cache_dir = tmp_path / "cache"
-    reference = {p.name: p.read_bytes() for p in cache_dir.iterdir()}
-    # a build killed after shard 1's tensors but before its sidecar, and before the manifest
-    (cache_dir / f"{shard_name(1)}.json").unlink()
-    (cache_dir / "manifest.json").unlink()
-    (cache_dir / f"{shard_name(2)}.safetensors").write_bytes(b"partial")
-    (cache_dir / f"{shard_name(2)}.json").unlink()
+    built(recipe)
+    reference = files(cache_dir)
+    shutil.rmtree(cache_dir)
+    # fault 1: killed mid-shard -- shard 1's file is half written (temporary name), its sidecar never came
+    real_write = cache_mod._fsync_write
+    def killed(path, data):
+        if path.name == f"{shard_name(1)}.ddc":
+            blob = b"".join(bytes(p) for p in data)
+            path.with_name(f".{path.name}.tmp999").write_bytes(blob[:len(blob) // 2])
+            raise KeyboardInterrupt
+        real_write(path, data)
+    monkeypatch.setattr(cache_mod, "_fsync_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(recipe, samples_per_shard=100, progress=False)
+    monkeypatch.setattr(cache_mod, "_fsync_write", real_write)
+    assert (cache_dir / f"{shard_name(0)}.json").is_file() and not (cache_dir / f"{shard_name(1)}.json").exists()
     with pytest.raises(UserError, match="no manifest.json"):
         TeacherCache(cache_dir)
-    manifest = build_cache(recipe, samples_per_shard=100, progress=False)
-    assert finalize_cache(cache_dir, manifest)
-    assert {p.name: p.read_bytes() for p in cache_dir.iterdir()} == reference
+    # fault 2: a complete-looking shard file whose sidecar was lost, and a sidecar whose file was truncated
+    (cache_dir / f"{shard_name(1)}.ddc").write_bytes(b"partial")
+    assert finalize_cache(cache_dir, build_cache(recipe, samples_per_shard=100, progress=False))
+    assert files(cache_dir) == reference
+    (cache_dir / "manifest.json").unlink()
+    shard2 = cache_dir / f"{shard_name(2)}.ddc"
+    shard2.write_bytes(shard2.read_bytes()[:100])
+    assert finalize_cache(cache_dir, build_cache(recipe, samples_per_shard=100, progress=False))
+    assert files(cache_dir) == reference
 
 
 def test_array_tasks_split_the_work(tiny_world, tmp_path):
@@ -91,30 +160,81 @@ def test_array_tasks_split_the_work(tiny_world, tmp_path):
     assert finalize_cache(recipe.teacher_source.cache_dir, manifest)
 
 
+@pytest.mark.slow
+def test_two_rank_build_equals_one_rank_build(tiny_world, tmp_path):
+    one = recipe_for(tiny_world, tmp_path / "one")
+    built(one)
+    sets = world_overrides(tiny_world, tmp_path / "run") + ["--set", f"teacher_source.cache_dir={tmp_path}/two/cache"]
+    proc = torchrun(2, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *sets, "--samples-per-shard", "100",
+                    timeout=300)
+    assert "teacher cache complete" in proc.stdout and "bytes/token=" in proc.stdout
+    assert files(tmp_path / "two/cache") == files(tmp_path / "one/cache")
+
+
 def test_cache_mismatch_is_refused(tiny_world, tmp_path):
     recipe = recipe_for(tiny_world, tmp_path)
-    finalize_cache(recipe.teacher_source.cache_dir, build_cache(recipe, progress=False))
-    cache = TeacherCache(recipe.teacher_source.cache_dir)
+    cache = built(recipe, samples_per_shard=4096)
     want = {k: cache.manifest[k] for k in ("tokenizer_sha256", "seq_len", "vocab_size", "k", "dataset")}
     cache.check_matches(want)
     with pytest.raises(UserError, match=r"another sequence length \(data.max_seq_len\): the cache has 16, this recipe needs 32"):
         cache.check_matches(dict(want, seq_len=32))
-    with pytest.raises(UserError, match="another tokenizer"):
-        cache.check_matches(dict(want, tokenizer_sha256="0" * 64))
     with pytest.raises(UserError, match="keeps k=8 logits per token, the recipe asks teacher_source.top_k=16"):
         cache.check_matches(dict(want, k=16))
+    with pytest.raises(UserError, match="another dataset token ids"):
+        cache.check_matches(dict(want, dataset=dict(want["dataset"], token_ids_sha256="1" * 64)))
+    with pytest.raises(UserError, match="another target positions"):
+        cache.check_matches(dict(want, dataset=dict(want["dataset"], targets_sha256="2" * 64)))
 
 
-def test_verify_finds_a_flipped_byte(tiny_world, tmp_path, capsys):
+@pytest.mark.bad_inputs(4)
+def test_corrupt_caches_name_the_file_and_the_check(tiny_world, tmp_path):
     recipe = recipe_for(tiny_world, tmp_path)
-    finalize_cache(recipe.teacher_source.cache_dir, build_cache(recipe, progress=False))
-    assert cache_main(["verify", str(tmp_path / "cache")]) == 0
-    shard = tmp_path / "cache" / f"{shard_name(0)}.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 0x01
+    cache_dir = tmp_path / "cache"
+    cache = built(recipe)
+    assert verify_cache(cache_dir) == 3
+    want = {k: cache.manifest[k] for k in ("tokenizer_sha256", "seq_len", "vocab_size", "k", "dataset")}
+    pristine = files(cache_dir)
+    shard = cache_dir / f"{shard_name(1)}.ddc"
+    # a flipped byte: only the checksum can see it
+    data = bytearray(pristine[shard.name])
+    data[-40] ^= 0x01
     shard.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="shard-00000.safetensors fails its sha256 check"):
-        cache_main(["verify", str(tmp_path / "cache")])
+    with pytest.raises(UserError, match=r"shard-00001.ddc fails its sha256 check"):
+        cache_main(["verify", str(cache_dir)])
+    # a truncated shard: refused on open (reading) and by verify
+    shard.write_bytes(pristine[shard.name][:-64])
+    with pytest.raises(UserError, match=r"shard-00001.ddc fails its size check: \d+ bytes, the manifest records"):
+        TeacherCache(cache_dir).fetch(torch.tensor([150]))
+    with pytest.raises(UserError, match=r"shard-00001.ddc fails its size check"):
+        verify_cache(cache_dir)
+    # a missing shard
+    shard.unlink()
+    with pytest.raises(UserError, match=r"shard-00001.ddc is missing"):
+        TeacherCache(cache_dir).fetch(torch.tensor([150]))
+    with pytest.raises(UserError, match=r"shard-00001.ddc is missing"):
+        verify_cache(cache_dir)
+    shard.write_bytes(pristine[shard.name])
+    # a manifest from another tokenizer: training refuses it, naming the manifest and both values
+    manifest = json.loads(pristine["manifest.json"])
+    manifest["tokenizer_sha256"] = "f" * 64
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"another tokenizer: the cache has 'f{64}', this recipe needs '[0-9a-f]{64}' "
+                                        r"\(.*manifest.json fails the tokenizer check\)"):
+        TeacherCache(cache_dir).check_matches(want)
+
+
+def test_cache_works_in_dataloader_workers(tiny_world, tmp_path):
+    recipe = recipe_for(tiny_world, tmp_path)
+    cache = built(recipe)
+    want = cache.fetch(torch.tensor([3, 150]))
+    clone = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker receives: no open maps
+    assert clone._shards == {}
+    loader = torch.utils.data.DataLoader(torch.arange(256), batch_size=2, num_workers=1,
+                                         collate_fn=lambda b: clone.fetch(torch.stack(b)))
+    for i, got in enumerate(loader):
+        if i == 0:
+            assert all(torch.equal(a, b) for a, b in zip(got, cache.fetch(torch.tensor([0, 1]))))
+    assert all(torch.equal(a, b) for a, b in zip(want, clone.fetch(torch.tensor([3, 150]))))
 
 
 def test_other_tokenizer_is_refused(tiny_world, tmp_path):

@@ -12,19 +12,11 @@ if not torch.cuda.is_available():  # read when the kernels are defined: set befo
 from dist_distill import losses  # noqa: E402
 from dist_distill.kernels import fused_linear_distill_loss  # noqa: E402
 from dist_distill.kernels.fused_linear_distill import chunk_rows  # noqa: E402
+from asserts import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
 N, H, HT, V, VOCAB, K = 37, 24, 20, 301, 290, 16  # W padded past the real vocab
-
-
-def assert_close(name, got, want, atol, rtol):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
-    if bad.any():
-        idx = bad.nonzero()[:10].tolist()
-        rows = [f"  at {tuple(i)}: got {got[tuple(i)].item():.8g} want {want[tuple(i)].item():.8g}" for i in idx]
-        pytest.fail(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (atol={atol}, rtol={rtol})\n" + "\n".join(rows))
 
 
 def make_problem(seed=0, n=N, scale=1.0):

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():  # read when the kernels are defined: set befo
 
 from dist_distill import losses  # noqa: E402
 from dist_distill.kernels import softmax_divergence  # noqa: E402
+from asserts import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -86,13 +87,6 @@ def topk_fn(ids, top, lse, T, tail):
 
 
 # ---------------------------------------------------------------- helpers
-def assert_close(name, got, want, atol, rtol):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
-    if bad.any():
-        idx = bad.nonzero()[:10].tolist()
-        rows = [f"  at {tuple(i)}: got {got[tuple(i)].item():.8g} want {want[tuple(i)].item():.8g}" for i in idx]
-        pytest.fail(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (atol={atol}, rtol={rtol})\n" + "\n".join(rows))
 
 
 def make_inputs(n=N, v=V, scale=3.0, seed=0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dist_distill.losses import KINDS, count_tokens, divergence
+from asserts import assert_verbose_allclose
 
 # dtype -> tolerances. Inputs are rounded to the dtype first and the reference sees the
 # same rounded values, so the loss only carries float32-math error for every input dtype;
@@ -21,31 +22,6 @@ TOL = {
     torch.float16: {"loss": (1e-6, 2e-5), "grad": (1e-5, 2e-3)},
 }
 SUBNORMAL = {torch.float16: 2.0**-24}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These shapes are tiny: OpenMP fan-out only costs time (ms per op on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def assert_verbose_allclose(actual, expected, atol, rtol, max_print=12, what=""):
-    """``torch.allclose`` that prints the mismatching elements (as Liger's test utility does)."""
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual - expected).abs()
-    bad = ~(diff <= atol + rtol * expected.abs())
-    bad |= actual.isnan() != expected.isnan()
-    if bool(bad.any()):
-        idx = bad.nonzero()
-        lines = [f"{what}: {len(idx)} / {actual.numel()} elements mismatch (atol={atol}, rtol={rtol})"]
-        for i in idx[:max_print].tolist():
-            i = tuple(i)
-            lines.append(f"  at {i}: actual={actual[i].item():.10g} expected={expected[i].item():.10g} diff={diff[i].item():.3g}")
-        raise AssertionError("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- reference

@@ -8,30 +8,7 @@ import pytest
 import torch
 
 from dist_distill.losses import KINDS, TAILS, divergence, topk_divergence
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny shapes: OpenMP fan-out only costs time (ms per op on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def assert_verbose_allclose(actual, expected, atol, rtol, max_print=12, what=""):
-    """``torch.allclose`` that prints the mismatching elements."""
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual - expected).abs()
-    bad = ~(diff <= atol + rtol * expected.abs())
-    if bool(bad.any()):
-        idx = bad.nonzero()
-        lines = [f"{what}: {len(idx)} / {actual.numel()} elements mismatch (atol={atol}, rtol={rtol})"]
-        for i in idx[:max_print].tolist():
-            i = tuple(i)
-            lines.append(f"  at {i}: actual={actual[i].item():.10g} expected={expected[i].item():.10g} diff={diff[i].item():.3g}")
-        raise AssertionError("\n".join(lines))
+from asserts import assert_verbose_allclose
 
 
 # ----------------------------------------------------------------------------- reference

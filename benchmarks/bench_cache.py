@@ -1,0 +1,203 @@
+"""Teacher cache codec: bytes per token, write and read speed, reconstruction error.
+
+Synthetic teacher-like rows at the Qwen2.5 vocabulary (V=151936), and optionally a real
+teacher (the tiny world's quickstart teacher) run through `dd-cache build`.
+
+Synthetic rows. Values: the logit of the token of rank r is ``-a log r + N(0, 0.5)`` with a
+per-token exponent ``a`` drawn uniformly in [--a-min, --a-max] (benchmarks/topk_error.py's
+model: a=1 is a flat, high-entropy token, a=2.5 a peaked one); ranks 1..4096 are drawn, the
+rest of the vocabulary enters the logsumexp analytically (``e^(s^2/2) sum_{r>4096} r^-a``).
+Ids: which vocabulary ids hold the top-k. "uniform" draws them uniformly (the worst case for
+the id code: a random 128-subset of 151936 ids carries 186 bytes of information); "zipfS"
+draws them without replacement with probability proportional to ``(id + 1)^-S``, a model of
+BPE vocabularies whose ids are roughly in merge (frequency) order, where frequent tokens
+are the usual candidates.
+
+Each configuration codes --tokens rows into one shard (all positions of samples of
+--seq-len tokens hold a row), writes it, then reads random batches of --batch samples
+through ``TeacherCache.rows`` (decode only) and ``TeacherCache.fetch`` (decode + [B, L, k]
+tensors). Bytes per token count the whole shard file. Times are CPU seconds of this single
+process (``time.process_time``; medians of --reps reads), which other jobs on a shared
+machine disturb less than wall-clock time.
+
+    .venv/bin/python benchmarks/bench_cache.py                      # synthetic, k=64 and 128
+    .venv/bin/python benchmarks/bench_cache.py --teacher runs/quickstart/teacher/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_distill import cache as cache_mod
+from dist_distill.cache_codec import topk_kl
+
+DISTILLKIT_K128 = 330  # bytes/token, the best published design at k=128, V~128k-152k (83% of it ids)
+HEAD = 4096
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vocab", type=int, default=151936, help="vocabulary size V (default 151936, Qwen2.5)")
+    ap.add_argument("--ks", default="64,128", help="comma-separated k values (default 64,128)")
+    ap.add_argument("--ids", default="uniform,zipf1.0,zipf1.2", help="id models (default uniform,zipf1.0,zipf1.2)")
+    ap.add_argument("--modes", default="kl,lossless", help="cache modes (default kl,lossless)")
+    ap.add_argument("--tokens", type=int, default=65536, help="rows per configuration (default 65536)")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+    ap.add_argument("--batch", type=int, default=32, help="samples per read (default 32)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
+    ap.add_argument("--max-kl", type=float, default=1e-3, help="mode kl bound (default 1e-3)")
+    ap.add_argument("--a-min", type=float, default=1.0, help="smallest Zipf exponent of the logits (default 1.0)")
+    ap.add_argument("--a-max", type=float, default=2.5, help="largest Zipf exponent of the logits (default 2.5)")
+    ap.add_argument("--teacher", default=None, help="also cache a real teacher: model dir for configs/tiny/distill.yaml")
+    ap.add_argument("--world", default="runs/quickstart/world", help="tiny world of --teacher (default runs/quickstart/world)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return ap.parse_args()
+
+
+def synthetic_values(n: int, k: int, vocab: int, a_min: float, a_max: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k raw logits [n, k] and full-vocabulary logsumexp [n] of Zipf-shaped rows (see the module docstring)."""
+    a = rng.uniform(a_min, a_max, n)
+    grid = np.linspace(a_min, a_max, 257)
+    tail_ranks = np.arange(HEAD + 1, vocab + 1, dtype=np.float64)
+    # E[sum over the tail of exp(-a log r + N(0, 0.5^2))] = e^(0.125) sum r^-a, tabulated over a
+    tail = np.interp(a, grid, [np.log(np.exp(0.125) * np.sum(tail_ranks ** -x)) for x in grid]) if vocab > HEAD else None
+    log_ranks = np.log(np.arange(1, min(HEAD, vocab) + 1))
+    top, lse = np.empty((n, k), np.float32), np.empty(n)
+    for i in range(0, n, 2048):
+        j = min(i + 2048, n)
+        head = -a[i:j, None] * log_ranks + 0.5 * rng.standard_normal((j - i, len(log_ranks)))
+        top[i:j] = -np.sort(-head, axis=1)[:, :k]
+        m = head.max(axis=1, keepdims=True)
+        lse[i:j] = (m + np.log(np.exp(head - m).sum(axis=1, keepdims=True)))[:, 0]
+    if tail is not None:
+        lse = np.logaddexp(lse, tail)
+    return top, lse.astype(np.float32)
+
+
+def synthetic_ids(n: int, k: int, vocab: int, model: str, rng) -> np.ndarray:
+    """Top-k ids [n, k]: uniform, or Zipf(S) popularity over the id order, without replacement."""
+    if model == "uniform":
+        cdf = np.arange(1, vocab + 1, dtype=np.float64) / vocab
+    else:
+        cdf = np.cumsum(np.arange(1, vocab + 1, dtype=np.float64) ** -float(model.removeprefix("zipf")))
+        cdf /= cdf[-1]
+    out = np.empty((n, k), dtype=np.int64)
+    for i in range(n):  # sequential draws with replacement, first k distinct = sampling without replacement
+        got = np.zeros(0, dtype=np.int64)
+        while len(got) < k:
+            draws = np.concatenate([got, np.minimum(np.searchsorted(cdf, rng.random(4 * k)), vocab - 1)])
+            _, first = np.unique(draws, return_index=True)
+            got = draws[np.sort(first)]
+        out[i] = got[:k]
+    return out
+
+
+def median_time(fn, reps: int) -> float:
+    """Median CPU time of this process (robust on a shared machine; the reader is single-threaded numpy)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return statistics.median(times)
+
+
+def bench_config(vocab, k, ids_model, mode, args, rng, tmp: Path) -> dict:
+    n_samples = args.tokens // args.seq_len
+    rows = n_samples * args.seq_len
+    z, lse = synthetic_values(rows, k, vocab, args.a_min, args.a_max, rng)
+    ids = synthetic_ids(rows, k, vocab, ids_model, rng)
+    mask = np.ones((n_samples, args.seq_len), dtype=bool)
+    t = time.process_time()
+    parts, _, stats = cache_mod.encode_shard(ids, z, lse, mask, vocab, mode, args.max_kl)
+    write_s = time.process_time() - t
+    cache_dir = tmp / f"{ids_model}-{k}-{mode}"
+    cache_dir.mkdir(parents=True)
+    cache_mod.write_shard(cache_dir, 0, 0, n_samples, parts, stats)
+    manifest = {"format": cache_mod.FORMAT, "k": k, "seq_len": args.seq_len, "vocab_size": vocab,
+                "num_samples": n_samples, "samples_per_shard": n_samples, "codec": {"mode": mode}}
+    cache_mod.finalize_cache(cache_dir, manifest)
+    cache = cache_mod.TeacherCache(cache_dir)
+    size = cache.manifest["shards"][0]["bytes"]
+    batches = [rng.integers(0, n_samples, args.batch) for _ in range(64)]
+    it = iter(range(10 ** 9))
+    decode_s = median_time(lambda: cache.rows(batches[next(it) % 64]), args.reps)
+    fetch_s = median_time(lambda: cache.fetch(torch.from_numpy(batches[next(it) % 64])), args.reps)
+    per_read = args.batch * args.seq_len
+    # error measured on what a reader gets back, against the exact rows
+    sample = np.arange(min(n_samples, 16))
+    got_ids, got_z, got_lse, _ = cache.rows(sample)
+    n_check = len(got_ids)
+    order = np.argsort(ids[:n_check], axis=1)
+    exact = np.take_along_axis(z[:n_check], order, 1) - lse[:n_check, None]
+    logp = got_z - got_lse[:, None]
+    assert np.array_equal(got_ids, np.take_along_axis(ids[:n_check], order, 1))
+    return {"k": k, "ids": ids_model, "mode": mode, "bytes_per_token": size / rows,
+            "write_tok_s": rows / write_s, "decode_tok_s": per_read / decode_s, "fetch_tok_s": per_read / fetch_s,
+            "max_kl": stats["max_kl"], "mean_kl": stats["mean_kl"], "max_abs_err": stats["max_abs_logp_err"],
+            "checked_max_kl": float(topk_kl(exact, logp).max()), "checked_max_abs_err": float(np.abs(exact - logp).max()),
+            "dense_ratio": 2 * vocab * rows / size, "raw_ratio": (k * 6 + 4) * rows / size}
+
+
+def bench_teacher(args, tmp: Path) -> list[dict]:
+    """Build caches of the tiny world's training data with a real teacher (lossless and kl), report size and error."""
+    from dist_distill.recipe import load_recipe
+
+    world = Path(args.world)
+    out = []
+    for mode in ("lossless", "kl"):
+        sets = [f"teacher.name_or_path={args.teacher}", f"student.name_or_path={world}/student_init",
+                f"data.train={world}/data/student_train.jsonl", f"teacher_source.cache_dir={tmp}/real-{mode}"]
+        recipe = load_recipe("configs/tiny/distill.yaml", sets)
+        t = time.perf_counter()
+        manifest = cache_mod.build_cache(recipe, samples_per_shard=256, progress=False, mode=mode, max_kl=args.max_kl)
+        cache_mod.finalize_cache(recipe.teacher_source.cache_dir, manifest)
+        took = time.perf_counter() - t
+        cache = cache_mod.TeacherCache(recipe.teacher_source.cache_dir)
+        m = cache.manifest
+        size = sum(s["bytes"] for s in m["shards"])
+        out.append({"mode": mode, "k": m["k"], "vocab": m["vocab_size"], "rows": m["rows"], "bytes_per_token": size / m["rows"],
+                    "build_s": took, **m["error"]})
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    try:
+        print(f"V={args.vocab} tokens/config={args.tokens} seq_len={args.seq_len} batch={args.batch} samples "
+              f"({args.batch * args.seq_len} tokens) reps={args.reps} max_kl={args.max_kl} a=[{args.a_min},{args.a_max}] "
+              f"torch={torch.__version__} numpy={np.__version__} threads={torch.get_num_threads()}")
+        print("| k | ids | mode | bytes/token | vs dense bf16 | vs raw top-k (bf16+int32) | write tok/s | "
+              "decode tok/s | fetch tok/s | max top-k KL | mean top-k KL | max abs logp err |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for k in (int(x) for x in args.ks.split(",")):
+            for ids_model in args.ids.split(","):
+                for mode in args.modes.split(","):
+                    r = bench_config(args.vocab, k, ids_model, mode, args, rng, tmp)
+                    print(f"| {k} | {ids_model} | {mode} | {r['bytes_per_token']:.1f} | {r['dense_ratio']:.0f}x | "
+                          f"{r['raw_ratio']:.2f}x | {r['write_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} | "
+                          f"{r['fetch_tok_s']:,.0f} | {r['checked_max_kl']:.2e} | {r['mean_kl']:.2e} | "
+                          f"{r['checked_max_abs_err']:.3f} |", flush=True)
+        if args.teacher:
+            print("\nreal teacher:", args.teacher)
+            for r in bench_teacher(args, tmp):
+                print(json.dumps(r))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The cache codec on its own: bit packing, id coding, lossless and KL-bounded value coding."""
+
+import numpy as np
+import pytest
+import torch
+
+from dist_distill import cache_codec as cc
+from dist_distill.cache import encode_shard
+
+V_QWEN = 151936
+
+
+def streams(enc):
+    pad = np.zeros(cc.PAD, np.uint8)
+    return np.concatenate([enc["stream_a"], pad]), np.concatenate([enc["stream_b"], pad])
+
+
+def round_trip(ids, z, lse, vocab, mode, max_kl=1e-3):
+    enc = cc.encode_rows(ids, z, lse, vocab, mode, max_kl)
+    sa, sb = streams(enc)
+    n = len(ids)
+    off_a = np.concatenate([[0], np.cumsum(enc["len_a"])[:-1]]).astype(np.int64)
+    out = cc.decode_rows(ids.shape[1], vocab, mode, enc["value_dtype"], enc["header"], enc["widths"], sa, off_a,
+                         enc.get("values"), sb, np.zeros(n, np.int64), np.zeros(n, np.int64))
+    return enc, out
+
+
+def teacher_rows(n, k, vocab, seed=0, peak=(1.0, 2.5)):
+    """Zipf-shaped teacher rows over the full vocabulary: top-k ids (random), raw logits, full logsumexp.
+
+    Logit of the token of rank r: ``-a log r + N(0, 0.5)``, a drawn per row in `peak`; which ids
+    hold the top-k does not change the logsumexp, so ids are drawn at random afterwards.
+    """
+    g = torch.Generator().manual_seed(seed)
+    a = peak[0] + (peak[1] - peak[0]) * torch.rand(n, 1, generator=g)
+    logits = -a * torch.log(torch.arange(1, vocab + 1).float()) + 0.5 * torch.randn(n, vocab, generator=g) + 3.0
+    z = logits.topk(k, dim=-1).values
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    return ids.numpy(), z.numpy(), torch.logsumexp(logits, dim=-1).numpy()
+
+
+@pytest.mark.parametrize("width", list(range(0, cc.MAX_WIDTH + 1)))
+def test_blocks_round_trip_at_every_width(width):
+    rng = np.random.default_rng(width)
+    n = 37
+    widths = rng.integers(0, width + 1, n)
+    widths[0] = width
+    fields = rng.integers(0, 1 << 32, (n, cc.BLOCK), dtype=np.uint64) & ((np.uint64(1) << widths[:, None].astype(np.uint64)) - np.uint64(1))
+    buf = np.concatenate([np.zeros(5, np.uint8), cc.pack_blocks(fields, widths), np.zeros(cc.PAD, np.uint8)])
+    offsets = 5 + np.concatenate([[0], np.cumsum(widths)[:-1]])
+    perm = rng.permutation(n)  # any order of reads
+    assert np.array_equal(cc.unpack_blocks(cc.expand32(buf), offsets[perm], widths[perm]), fields[perm].astype(np.uint32))
+
+
+@pytest.mark.parametrize("vocab,k", [(15, 8), (15, 15), (1000, 1), (1000, 13), (V_QWEN, 64), (V_QWEN, 128)])
+def test_ids_round_trip_sorted(vocab, k):
+    rng = np.random.default_rng(k)
+    n = 50
+    ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)])
+    ids[0] = np.arange(vocab - k, vocab)  # the largest ids, consecutive
+    ids[1] = np.arange(k)[::-1]  # id 0, consecutive, reversed
+    z = rng.standard_normal((n, k)).astype(np.float32)
+    lse = rng.standard_normal(n).astype(np.float32) + 10
+    _, (got_ids, got_z, got_lse) = round_trip(ids, z, lse, vocab, "lossless")
+    order = np.argsort(ids, axis=1)
+    assert got_ids.dtype == np.int32 and np.array_equal(got_ids, np.take_along_axis(ids, order, 1))
+    assert np.array_equal(got_z, np.take_along_axis(z, order, 1)) and np.array_equal(got_lse, lse)
+
+
+def test_lossless_stores_bf16_teachers_in_two_bytes():
+    ids, z, lse = teacher_rows(20, 16, 4000)
+    z16 = torch.from_numpy(z).bfloat16().float().numpy()
+    enc, (_, got, _) = round_trip(ids, z16, lse, 4000, "lossless")
+    assert enc["value_dtype"] == "bf16" and enc["values"].dtype == np.uint16
+    assert np.array_equal(got, np.take_along_axis(z16, np.argsort(ids, 1), 1))
+    enc, _ = round_trip(ids, z, lse, 4000, "lossless")
+    assert enc["value_dtype"] == "f32"
+
+
+@pytest.mark.parametrize("max_kl", [1e-3, 1e-4])
+@pytest.mark.parametrize("peak", [(1.0, 2.5), (2.5, 5.0)])
+def test_kl_mode_meets_its_bound_on_every_row(max_kl, peak):
+    ids, z, lse = teacher_rows(200, 64, 20000, peak=peak)
+    enc, (got_ids, got_z, got_lse) = round_trip(ids, z, lse, 20000, "kl", max_kl)
+    order = np.argsort(ids, 1)
+    exact = np.take_along_axis(z, order, 1) - lse[:, None]
+    logp = got_z - got_lse[:, None]
+    kl = cc.topk_kl(exact, logp)
+    assert kl.max() <= max_kl * (1 + 1e-6)
+    np.testing.assert_allclose(kl, enc["stats"]["kl"], rtol=1e-4, atol=1e-10)  # what the encoder reports is what decodes
+    assert np.abs(exact.max(1) - logp.max(1)).max() < 1e-5  # the top value is exact
+    assert np.array_equal(got_ids, np.take_along_axis(ids, order, 1))
+
+
+def test_kl_mode_degenerate_rows():
+    """Equal values (no spread), -inf logits, one dominant token, and k=1."""
+    ids = np.tile(np.arange(8), (4, 1))
+    z = np.zeros((4, 8), np.float32)
+    z[1, 5:] = -np.inf
+    z[2, 0] = 60.0
+    lse = np.log(np.exp(z.astype(np.float64)).sum(1) + 100).astype(np.float32)
+    _, (got_ids, got_z, got_lse) = round_trip(ids, z, lse, 100, "kl")
+    logp = got_z - got_lse[:, None]
+    assert np.isfinite(logp).all()
+    assert np.abs(logp[0] - (z[0] - lse[0])).max() < 1e-5
+    assert (logp[1, 5:] < logp[1, 0] - 90).all()  # -inf stays (practically) impossible
+    one = round_trip(ids[:, :1], z[:, :1], lse, 100, "kl")[1]
+    assert np.allclose(one[1] - one[2][:, None], z[:, :1] - lse[:, None], atol=1e-5)
+
+
+def test_kl_mode_is_compact_at_qwen_vocabulary():
+    """Bytes per token at V=151936 (ids uniformly random here: the worst case for the id code)."""
+    ids, z, lse = teacher_rows(64, 128, V_QWEN)
+    enc = cc.encode_rows(ids, z, lse, V_QWEN, "kl", 1e-3)
+    nbytes = enc["header"].nbytes + enc["widths"].nbytes + len(enc["stream_a"]) + len(enc["stream_b"])
+    assert nbytes / 64 < 330  # DistillKit's format needs ~330 bytes/token at k=128
+    assert enc["stats"]["kl"].max() <= 1e-3 * (1 + 1e-6)
+
+
+def test_shard_with_empty_samples():
+    mask = np.zeros((3, 6), bool)
+    mask[1, 2:4] = True
+    ids, z, lse = teacher_rows(2, 4, 50)
+    parts, header, stats = encode_shard(ids, z, lse, mask, 50, "kl", 1e-3)
+    assert header["rows"] == 2 and stats["rows"] == 2 and header["num_samples"] == 3
+    parts, header, stats = encode_shard(ids[:0], z[:0], lse[:0], np.zeros((2, 6), bool), 50, "kl", 1e-3)
+    assert header["rows"] == 0 and stats["max_kl"] == 0.0
+
+
+def test_kl_mode_falls_back_to_its_finest_code():
+    """A bound no estimate meets: rows end at the finest code (b=8, e=12) and still decode."""
+    ids, z, lse = teacher_rows(30, 16, 500, peak=(0.5, 1.0))
+    enc, (got_ids, got_z, got_lse) = round_trip(ids, z, lse, 500, "kl", 1e-12)
+    assert ((enc["header"]["be"] & 15) + 1 == 8).any()
+    exact = np.take_along_axis(z, np.argsort(ids, 1), 1) - lse[:, None]
+    assert cc.topk_kl(exact, got_z - got_lse[:, None]).max() < 1e-6

@@ -1,0 +1,208 @@
+"""Online teacher group (teacher_source.kind=group): tensor-parallel teacher ranks beside ZeRO-3 students.
+
+Multi-process on CPU with gloo: 2 teacher TP ranks + 2 student ranks (torchrun, 4 processes).
+Run as a script under torchrun, this file is the helper of `test_tp_topk_equals_one_process`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import run_cmd, torchrun, world_overrides
+from dist_distill.distributed import free_port
+
+BASE = ["--set", "optim.max_steps=6", "--set", "optim.warmup_steps=1", "--set", "optim.micro_batch_size=4",
+        "--set", "optim.grad_accum=2", "--set", "output.export=false", "--set", "teacher_source.top_k=8"]
+GROUP = ["--set", "teacher_source.kind=group", "--set", "teacher_source.tp_size=2",
+         "--set", "teacher_source.num_groups=1"]
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- units -------------------------------------------------------------------------------------------
+def test_roles_split_and_serve_map():
+    from dist_distill.teacher_group import Roles
+
+    roles = [Roles(r, 7, tp_size=2, num_groups=2) for r in range(7)]
+    assert [x.is_teacher for x in roles] == [True] * 4 + [False] * 3
+    assert [roles[0].leader_of(s) for s in range(3)] == [0, 2, 0]
+    assert roles[0].students_of(0) == [0, 2] and roles[0].students_of(1) == [1]
+    from dist_distill.errors import UserError
+
+    with pytest.raises(UserError, match="at least 6 processes"):
+        Roles(0, 5, tp_size=2, num_groups=2).check()
+
+
+def test_message_round_trip_keeps_ids_exact():
+    from dist_distill.teacher_group import pack, unpack
+
+    ids = torch.tensor([[0, 151935, 7], [2**31 - 1, 1, 3]])
+    logits, lse = torch.randn(2, 3), torch.randn(2)
+    header, payload = pack(5, 1, torch.tensor([9, 4]), ids, logits, lse)
+    assert header.tolist()[1:] == [5, 1, 2, 3, 2, 9, 4]
+    got = unpack(payload.clone(), 3)
+    assert torch.equal(got[0], ids) and torch.equal(got[1], logits) and torch.equal(got[2], lse)
+
+
+class FakeBridge:
+    """Bridge stand-in: sends complete at once; recv copies the next queued tensor."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    def send(self, tensors, dst, tag):
+        return self
+
+    def recv(self, tensors, src, tag):
+        tensors[0].copy_(self.messages.pop(0))
+        return self
+
+    def wait(self, timeout=None):
+        return True
+
+
+def test_group_teacher_checks_the_samples_it_is_sent():
+    from dist_distill.teacher_group import GroupTeacher, Roles, TeacherGroupError, pack
+
+    ids, logits, lse = torch.tensor([[3, 1], [0, 2]]), torch.randn(2, 2), torch.randn(2)
+    targets = torch.tensor([[-100, 5, 6], [-100, -100, -100]])  # 2 target tokens
+    header, payload = pack(0, 0, torch.tensor([4, 9]), ids, logits, lse)
+    roles = Roles(rank=2, world=4, tp_size=2, num_groups=1)
+    teacher = GroupTeacher(roles, FakeBridge([header, payload]), 2, torch.device("cpu"), lambda: 0, 5.0)
+    signal = teacher.signal(torch.tensor([4, 9]), {"targets": targets})
+    assert torch.equal(signal.topk[0], ids) and torch.equal(signal.topk[1], logits)
+    header, payload = pack(1, 0, torch.tensor([4, 7]), ids, logits, lse)
+    teacher = GroupTeacher(roles, FakeBridge([header, payload]), 2, torch.device("cpu"), lambda: 1, 5.0)
+    with pytest.raises(TeacherGroupError, match=r"expected step 2, micro-batch 0, samples \[4, 9\] but teacher rank 0 "
+                       r"sent step 2, micro-batch 0, samples \[4, 7\]"):
+        teacher.signal(torch.tensor([4, 9]), {"targets": targets})
+
+
+def test_vocab_parallel_topk_single_rank_ignores_padding():
+    """One shard holds everything: padded columns (>= vocab) never enter the top-k or the lse."""
+    from dist_distill.teacher_group import vocab_parallel_topk
+
+    logits = torch.randn(5, 12)
+    logits[:, 10:] = 100.0  # padding columns with huge logits
+    ids, vals, lse = vocab_parallel_topk(logits, 0, 10, 4, None)
+    ref_vals, ref_ids = logits[:, :10].topk(4)
+    assert torch.equal(ids, ref_ids) and torch.equal(vals, ref_vals)
+    torch.testing.assert_close(lse, logits[:, :10].logsumexp(-1))
+
+
+def test_colocated_8bit_refuses_cpu():
+    from dist_distill.errors import UserError
+    from dist_distill.recipe import ModelSpec
+    from dist_distill.teacher import load_colocated_teacher
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(UserError, match="8-bit.*CUDA"):
+        load_colocated_teacher(ModelSpec(name_or_path="unused"), torch.device("cpu"), load_in_8bit=True)
+
+
+# ---- multi-process (slow) ----------------------------------------------------------------------------
+def _tp_helper(world: str, out: str) -> None:
+    """torchrun --nproc_per_node 2 tests/test_teacher_group.py WORLD OUT: TP teacher vs the one-process teacher."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_distill.cache import teacher_topk
+    from dist_distill.data import load_tokenized
+    from dist_distill.models import load_model, load_tokenizer
+    from dist_distill.recipe import DataSpec, ModelSpec
+    from dist_distill.teacher_group import shard_teacher, tp_teacher_topk
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    spec = ModelSpec(name_or_path=f"{world}/teacher_init")
+    tok = load_tokenizer(spec, "teacher")
+    data = load_tokenized(f"{world}/data/student_train.jsonl", tok, DataSpec(max_seq_len=16), 12)
+    reference = load_model(spec, "teacher").eval()
+    mesh = init_device_mesh("cpu", (2,))
+    model, offset = shard_teacher(load_model(spec, "teacher").eval(), mesh)
+    k, vocab = 8, len(tok)
+    ids, vals, lse = tp_teacher_topk(model, offset, data.input_ids, data.attention_mask, data.targets, k, vocab,
+                                     mesh.get_group())
+    ref_ids, ref_vals, ref_lse = teacher_topk(reference, data.input_ids, data.attention_mask, k, vocab)
+    mask = data.targets != -100
+    if dist.get_rank() == 0:
+        torch.save({"ids": ids, "vals": vals, "lse": lse, "ref_ids": ref_ids[mask].long(), "ref_vals": ref_vals[mask],
+                    "ref_lse": ref_lse[mask], "offset": offset, "local_vocab":
+                    model.lm_head.weight.to_local().shape[0]}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tp_topk_equals_one_process(tiny_world, tmp_path):
+    """2 TP ranks (gloo): vocab-parallel top-k ids, logits and logsumexp == the unsharded teacher's.
+    The tiny teacher's vocab is padded to 32 for 15 tokens: rank 1's slice [16, 32) is all padding."""
+    out = tmp_path / "tp.pt"
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out)], timeout=300)
+    r = torch.load(out)
+    assert r["local_vocab"] == 16 and r["ids"].shape[1] == 8 and r["ids"].shape[0] > 20
+    assert int(r["ids"].max()) < 15
+    assert torch.equal(r["ids"], r["ref_ids"])
+    torch.testing.assert_close(r["vals"], r["ref_vals"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["lse"], r["ref_lse"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_group_training_equals_cache_training(tiny_world, tmp_path):
+    """dd-train with 2 TP teacher ranks + 2 ZeRO-3 students == dd-train on 2 ranks from a cache built by the
+    same teacher with the same top_k (lossless values): same losses and gradient norms step by step."""
+    cache_run, group_run = tmp_path / "cache", tmp_path / "group"
+    cache = ["--set", f"teacher_source.cache_dir={tmp_path}/tcache"]
+    torchrun(1, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *world_overrides(tiny_world, cache_run),
+             *BASE, *cache, "--mode", "lossless", timeout=300)  # bit-exact values: the comparison is tight
+    torchrun(2, "dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, cache_run), *BASE,
+             *cache, timeout=300)
+    torchrun(4, "dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, group_run), *BASE,
+             *GROUP, timeout=300)
+    a, b = metrics(cache_run), metrics(group_run)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert x["target_tokens"] == y["target_tokens"]
+        for key in ("loss", "divergence", "ce", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x, y)
+    teacher_log = [json.loads(line) for line in (group_run / "teacher-group0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in teacher_log] == list(range(1, 7)) and all(r["busy_s"] > 0 for r in teacher_log)
+    assert json.loads((group_run / "partition-rank0.json").read_text())["world_size"] == 2  # ZeRO-3 on students only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["hang", "exit"])
+def test_dead_or_hung_teacher_stops_students(tiny_world, tmp_path, fault):
+    """A teacher rank (the non-leader TP rank) hangs or exits at step 3: the students stop with the group's
+    clear error within teacher_source.timeout_s + margin, and the job exits non-zero (no hang)."""
+    timeout = 8
+    started = time.time()
+    # a large monitor interval keeps torchrun from tearing the students down before they notice the dead peer
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                    str(free_port()), "--monitor-interval", "5" if fault == "exit" else "0.5",
+                    "-m", "dist_distill.train", "configs/tiny/distill.yaml",
+                    *world_overrides(tiny_world, tmp_path), *BASE, *GROUP, "--set", "optim.max_steps=20",
+                    "--set", f"teacher_source.timeout_s={timeout}"], timeout=240, check=False,
+                   **{f"DD_FAULT_TEACHER_{fault.upper()}_AT_STEP": "3", "DD_FAULT_TEACHER_RANK": "1"})
+    elapsed = time.time() - started
+    assert proc.returncode != 0
+    assert f"DD_FAULT_TEACHER_{fault.upper()}_AT_STEP=3" in proc.stderr
+    stderr = " ".join(proc.stderr.split())  # messages are wrapped at 100 columns
+    assert "got no signal from teacher rank 0 (group 0) for step 3" in stderr, proc.stderr[-6000:]
+    assert "a teacher rank died or hangs" in stderr
+    steps = metrics(tmp_path)
+    assert len(steps) <= 3
+    # start-up (~30-60 s on 2 shared cores) + timeout + teardown; a hang would run to the 240 s limit
+    assert elapsed < 200, elapsed
+
+
+if __name__ == "__main__":
+    _tp_helper(sys.argv[1], sys.argv[2])
