@@ -34,18 +34,21 @@ def assert_clean_error(proc, *fragments):
         assert fragment in proc.stderr.replace("\n  ", " "), proc.stderr
 
 
+@pytest.mark.bad_inputs(1)
 def test_recipe_typo(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, tmp_path),
                       "--set", "optim.lrr=1", check=False, timeout=300)
     assert_clean_error(proc, "unknown key optim.lrr: allowed keys in optim are lr,")
 
 
+@pytest.mark.bad_inputs(1)
 def test_missing_model_directory(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, tmp_path),
                       "--set", f"student.name_or_path={tmp_path}/no_such_model", check=False, timeout=300)
     assert_clean_error(proc, f"student.name_or_path={tmp_path}/no_such_model: no such model directory")
 
 
+@pytest.mark.bad_inputs(1)
 def test_cache_for_another_sequence_length(tiny_world, tmp_path):
     sets = world_overrides(tiny_world, tmp_path / "run") + ["--set", f"teacher_source.cache_dir={tmp_path}/cache"]
     module_cmd("dist_distill.cache", "build", "configs/tiny/distill.yaml", *sets, timeout=300)
@@ -55,6 +58,7 @@ def test_cache_for_another_sequence_length(tiny_world, tmp_path):
                              "this recipe needs 20")
 
 
+@pytest.mark.bad_inputs(1)
 def test_cache_missing(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, tmp_path),
                       "--set", f"teacher_source.cache_dir={tmp_path}/nothing", check=False, timeout=300)
@@ -76,6 +80,7 @@ def test_evaluate_writes_table_and_json(tiny_world, tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# Held-out evaluation")
 
 
+@pytest.mark.bad_inputs(1)
 def test_evaluate_bad_model_argument(tmp_path):
     proc = module_cmd("dist_distill.evaluate", "--model", "nodir", "--data", "x.jsonl", "--out", str(tmp_path),
                       check=False, timeout=120)

@@ -37,12 +37,14 @@ def test_targets_are_next_answer_tokens(tiny_world):
     assert data.attention_mask[0].sum() == positions[-1] + 2
 
 
+@pytest.mark.bad_inputs(1)
 def test_too_long_record_is_refused(tiny_world):
     tok = load_tokenizer(ModelSpec(name_or_path=str(tiny_world / "student_init")), "student")
     with pytest.raises(UserError, match="more than data.max_seq_len=8"):
         load_tokenized(str(tiny_world / "data/heldout.jsonl"), tok, DataSpec(train="x", max_seq_len=8))
 
 
+@pytest.mark.bad_inputs(1)
 def test_missing_data_file():
     with pytest.raises(UserError, match="does not exist"):
         load_tokenized("/nonexistent/train.jsonl", None, DataSpec(train="x"))
@@ -237,6 +239,7 @@ def test_cache_works_in_dataloader_workers(tiny_world, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(want, clone.fetch(torch.tensor([3, 150]))))
 
 
+@pytest.mark.bad_inputs(1)
 def test_other_tokenizer_is_refused(tiny_world, tmp_path):
     other = tmp_path / "other_student"
     shutil.copytree(tiny_world / "student_init", other)

@@ -30,6 +30,7 @@ def test_overrides_are_typed():
     assert r.deepspeed.zero_stage == 2
 
 
+@pytest.mark.bad_inputs(1)
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1", "unknown key optim.lrr: allowed keys in optim are lr,"),
     ("optimizer.lr=1", "unknown key optimizer: allowed keys in the recipe are student,"),
@@ -48,11 +49,13 @@ def test_bad_recipes_name_the_key(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.bad_inputs(1)
 def test_cache_without_dir_is_refused():
     with pytest.raises(RecipeError, match="teacher_source.kind=cache needs teacher_source.cache_dir"):
         load_recipe(None, ["student.name_or_path=m", "data.train=d.jsonl"])
 
 
+@pytest.mark.bad_inputs(2)
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
