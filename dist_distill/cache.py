@@ -224,10 +224,8 @@ def write_shard(cache_dir: Path, index: int, start: int, stop: int, parts: list,
 
 def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
     """The fingerprint fields a cache for this recipe must have (what `check_matches` compares)."""
-    from .data import IGNORE_INDEX
     from .models import model_fingerprint, tokenizer_fingerprint
 
-    targets = (data.targets != IGNORE_INDEX).numpy()
     return {
         "format": FORMAT, "k": recipe.teacher_source.top_k, "seq_len": recipe.data.max_seq_len,
         "vocab_size": vocab_size, "num_samples": len(data),
@@ -235,7 +233,7 @@ def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "dataset": {"source": data.source, "split": recipe.data.split, "max_samples": recipe.data.max_samples,
                     "token_ids_sha256": data.fingerprint,
-                    "targets_sha256": hashlib.sha256(np.packbits(targets, axis=1).tobytes()).hexdigest()},
+                    "targets_sha256": data.targets_fingerprint},
     }
 
 

@@ -35,6 +35,13 @@ class TokenizedData:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()
 
+    @property
+    def targets_fingerprint(self) -> str:
+        """sha256 of which positions are targets (the prompt/answer split), bit-packed per sample."""
+        import numpy as np
+
+        return hashlib.sha256(np.packbits((self.targets != IGNORE_INDEX).numpy(), axis=1).tobytes()).hexdigest()
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

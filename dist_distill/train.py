@@ -197,7 +197,8 @@ class Trainer:
         if r.teacher_source.kind == "cache":
             cache = TeacherCache(r.teacher_source.cache_dir)
             cache.check_matches({"tokenizer_sha256": tokenizer_fingerprint(self.tokenizer), "seq_len": r.data.max_seq_len,
-                                 "vocab_size": self.vocab_size, "dataset": {"token_ids_sha256": self.data.fingerprint},
+                                 "vocab_size": self.vocab_size, "dataset": {"token_ids_sha256": self.data.fingerprint,
+                                             "targets_sha256": self.data.targets_fingerprint},
                                  "k": r.teacher_source.top_k})
             return CacheTeacher(cache, r.teacher_source.top_k, device)
         if r.teacher_source.kind == "group":  # a tensor-parallel teacher group in this job (teacher_group.py)
