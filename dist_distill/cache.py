@@ -39,7 +39,6 @@ is byte-identical to an uninterrupted single-process build.
 from __future__ import annotations
 
 import argparse
-import bisect
 import hashlib
 import json
 import os
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 
 from . import cache_codec as codec
+from .checkpoint import write_atomic
 from .errors import UserError, run_cli
 
 FORMAT = "dd-topk-v1"
@@ -63,22 +63,6 @@ ALIGN = 64
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-def _fsync_write(path: Path, data) -> None:
-    """Write `data` (bytes or a list of byte buffers) atomically: temporary file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for part in data if isinstance(data, list) else [data]:
-            f.write(part)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -216,10 +200,10 @@ def write_shard(cache_dir: Path, index: int, start: int, stop: int, parts: list,
     for p in parts:
         digest.update(p)
     size = sum(len(p) for p in parts)
-    _fsync_write(_shard_file(cache_dir, index), parts)
+    write_atomic(_shard_file(cache_dir, index), parts)
     sidecar = {"index": index, "file": _shard_file(cache_dir, index).name, "start": start, "stop": stop,
                "bytes": size, "sha256": digest.hexdigest(), **stats}
-    _fsync_write(_sidecar(cache_dir, index), json.dumps(sidecar, sort_keys=True).encode())
+    write_atomic(_sidecar(cache_dir, index), json.dumps(sidecar, sort_keys=True).encode())
 
 
 def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
@@ -346,7 +330,7 @@ def finalize_cache(cache_dir: str | Path, manifest: dict) -> bool:
         "mean_topk_kl": sum(x["mean_kl"] * x["rows"] for x in sides) / max(rows, 1),
         "max_abs_logp_err": max((x["max_abs_logp_err"] for x in sides), default=0.0),
         "mean_max_abs_logp_err": sum(x["mean_max_abs_logp_err"] * x["rows"] for x in sides) / max(rows, 1)}
-    _fsync_write(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return True
 
 

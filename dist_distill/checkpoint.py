@@ -79,11 +79,14 @@ def fsync_tree(path: Path) -> None:
         _fsync_path(dirpath)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file, fsync and rename, then fsync the directory."""
+def write_atomic(path: Path, data: str | bytes | list[bytes]) -> None:
+    """Write `data` (text, bytes, or a list of byte buffers) to `path` via a temporary file, fsync and
+    rename, then fsync the directory: a reader sees the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    parts = [data.encode()] if isinstance(data, str) else data if isinstance(data, list) else [data]
+    with open(tmp, "wb") as f:
+        for part in parts:
+            f.write(part)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 from .errors import UserError
-from .schedules import TERMS, Ramp, Stage, TermWeights, check_stages
+from .schedules import Ramp, Stage, TermWeights, check_stages
 
 
 class RecipeError(UserError):

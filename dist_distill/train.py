@@ -383,8 +383,7 @@ class Trainer:
             self.engine.step()
             sums += torch.stack([loss_sum.detach()] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
         torch.distributed.all_reduce(sums)
-        skipped_before = self.skipped_steps
-        self._account_skip(bad.item() > 0)
+        skipped = self._account_skip(bad.item() > 0)
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         mean = (sums / n_targets).tolist()
@@ -393,11 +392,12 @@ class Trainer:
                 **{f"weight_{k}": v for k, v in settings.weights.items()},
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item()),
-                "skipped": self.skipped_steps > skipped_before, "skipped_total": self.skipped_steps}
+                "skipped": skipped, "skipped_total": self.skipped_steps}
 
-    def _account_skip(self, nonfinite_loss: bool) -> None:
+    def _account_skip(self, nonfinite_loss: bool) -> bool:
         """Count the step the engine just skipped (non-finite loss or gradient norm on any rank); stop after
-        optim.max_consecutive_skips in a row. The engine skipped it iff its own skip counter moved."""
+        optim.max_consecutive_skips in a row. The engine skipped it iff its own skip counter moved.
+        Returns whether this step was skipped."""
         skipped = self.engine.skipped_steps > self._engine_skips
         self._engine_skips = self.engine.skipped_steps
         if nonfinite_loss and not skipped:
@@ -405,7 +405,7 @@ class Trainer:
                                "version does not skip non-finite steps; upgrade deepspeed (>= 0.19 checks the norm)")
         if not skipped:
             self.consecutive_skips = 0
-            return
+            return False
         self.skipped_steps += 1
         self.consecutive_skips += 1
         print(f"[rank {self.rank}] step {self.step + 1} skipped: non-finite loss or gradient norm "
@@ -415,6 +415,7 @@ class Trainer:
             raise UserError(f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (last: step "
                             f"{self.step + 1}); stopping. Lower optim.lr, check the data, or resume from the last "
                             "checkpoint with --resume")
+        return True
 
     def train(self) -> None:
         from tqdm import tqdm

@@ -4,7 +4,6 @@ import json
 import pickle
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -128,17 +127,17 @@ def test_interrupted_build_resumes_identically(tiny_world, tmp_path, monkeypatch
     reference = files(cache_dir)
     shutil.rmtree(cache_dir)
     # fault 1: killed mid-shard -- shard 1's file is half written (temporary name), its sidecar never came
-    real_write = cache_mod._fsync_write
+    real_write = cache_mod.write_atomic
     def killed(path, data):
         if path.name == f"{shard_name(1)}.ddc":
             blob = b"".join(bytes(p) for p in data)
             path.with_name(f".{path.name}.tmp999").write_bytes(blob[:len(blob) // 2])
             raise KeyboardInterrupt
         real_write(path, data)
-    monkeypatch.setattr(cache_mod, "_fsync_write", killed)
+    monkeypatch.setattr(cache_mod, "write_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
         build_cache(recipe, samples_per_shard=100, progress=False)
-    monkeypatch.setattr(cache_mod, "_fsync_write", real_write)
+    monkeypatch.setattr(cache_mod, "write_atomic", real_write)
     assert (cache_dir / f"{shard_name(0)}.json").is_file() and not (cache_dir / f"{shard_name(1)}.json").exists()
     with pytest.raises(UserError, match="no manifest.json"):
         TeacherCache(cache_dir)

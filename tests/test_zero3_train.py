@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, module_cmd, torchrun, world_overrides
+from conftest import module_cmd, torchrun, world_overrides
 
 pytestmark = pytest.mark.slow
 STEPS = ["--set", "optim.max_steps=30", "--set", "optim.warmup_steps=2", "--set", "optim.micro_batch_size=8"]
