@@ -10,7 +10,12 @@ dense teacher's softmax(teacher/T) (teacher = its own hidden states @ its own he
   gemms   (CUDA only) the same GEMMs alone: student + teacher logits, grad h, grad W
 
 CPU: every method runs in its own subprocess; peak = VmHWM - VmRSS measured just before the
-first loss call (inputs allocated). CUDA: peak = max_memory_allocated - memory before the
+first loss call (inputs allocated). By default the workers run with glibc's mmap threshold
+fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``), so every large buffer is mapped on allocation and
+unmapped on free and RSS follows the live tensors. With glibc's default *dynamic* threshold
+(``--malloc default``) the first freed chunk buffer raises the threshold, later buffers come
+from the heap, and the heap's fragmentation -- not the algorithm -- sets the peak RSS: the
+same call measured 130-940 MiB from run to run. CUDA: peak = max_memory_allocated - memory before the
 first call (inputs and .grad buffers preallocated).
 
     python benchmarks/bench_fused_loss.py --device cpu --reps 3
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 T, CE_WEIGHT = 2.0, 0.5
+MMAP_THRESHOLD = 2**20
 METHODS = ["eager", "ours", "liger", "liger-nocompile"]
 
 
@@ -53,11 +60,13 @@ def make_inputs(n, h, v, dtype, device, seed=0):
 
 def loss_fn(method: str):
     """A callable (x, w, xt, wt, labels) -> scalar loss for ``method``."""
-    if method == "ours":
-        from dist_distill.kernels import fused_linear_distill_loss
+    if method == "ours" or method.startswith("ours:"):  # "ours:64" = chunk_bytes 64 MiB
+        from dist_distill.kernels import DEFAULT_CHUNK_BYTES, fused_linear_distill_loss
 
+        chunk = int(method[5:]) * 2**20 if ":" in method else DEFAULT_CHUNK_BYTES
         return lambda x, w, xt, wt, y: fused_linear_distill_loss(
-            x, w, labels=y, teacher_hidden=xt, teacher_weight=wt, kind="fkl", temperature=T, ce_weight=CE_WEIGHT)
+            x, w, labels=y, teacher_hidden=xt, teacher_weight=wt, kind="fkl", temperature=T, ce_weight=CE_WEIGHT,
+            chunk_bytes=chunk)
     if method == "eager":
         def eager(x, w, xt, wt, y):
             logits = (x @ w.T).float()
@@ -121,7 +130,10 @@ def worker(args):
 def spawn(method, n, args):
     cmd = [sys.executable, __file__, "--worker", method, "--device", args.device, "--n", str(n),
            "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype, "--reps", str(args.reps)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.malloc == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -152,7 +164,11 @@ def main():
     ap.add_argument("--hidden", type=int, default=None, help="hidden size (default per device)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default per device)")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default per device)")
-    ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS + ["gemms"]))
+    ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS + ["gemms"])
+                    + "; ours:M = ours with chunk_bytes M MiB")
+    ap.add_argument("--malloc", default="mmap", choices=["mmap", "default"],
+                    help="CPU workers: mmap = glibc mmap threshold fixed at 1 MiB (RSS follows live tensors); "
+                         "default = glibc's dynamic threshold (RSS includes heap fragmentation)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,7 +181,8 @@ def main():
     shapes = [int(s) for s in (args.shapes or ("1024,4096,8192,16384" if cuda else "4096")).split(",")]
     methods = args.methods.split(",") if args.methods else METHODS + (["gemms"] if cuda else [])
     results = [spawn(m, n, args) for n in shapes for m in methods]
-    print(f"device={args.device} H={args.hidden} V={args.vocab} dtype={args.dtype} T={T} "
+    malloc = f" malloc={args.malloc}" if args.device == "cpu" else ""
+    print(f"device={args.device}{malloc} H={args.hidden} V={args.vocab} dtype={args.dtype} T={T} "
           f"ce_weight={CE_WEIGHT} reps={args.reps} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(table(results, args.device))
 

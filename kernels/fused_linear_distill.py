@@ -18,8 +18,8 @@ from ._common import DivSpec, TokenCoefs
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # float32 [rows, V] buffers alive at once per chunk, student side: Triton works in place on
-# the logits; the PyTorch path holds the logits and ~6 temporaries (peak RSS on CPU also
-# carries allocator slack: ~2.9x chunk_bytes measured, see docs/benchmarks.md).
+# the logits; the PyTorch path holds the logits and ~6 temporaries (measured on CPU: peak
+# 357 MiB above inputs at the 256 MiB default, 153 MiB at 64 MiB; docs/benchmarks.md).
 # +1 for a dense teacher's logits.
 _WORK_BUFFERS = {"triton": 1, "torch": 7}
 
