@@ -42,6 +42,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -194,16 +195,40 @@ def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float
     return parts, header, stats
 
 
+SIDECAR_RESERVE = 64 * 1024  # bytes kept free for the shard's sidecar and the manifest
+
+
 def write_shard(cache_dir: Path, index: int, start: int, stop: int, parts: list, stats: dict) -> None:
-    """Publish a shard: the file first, then the sidecar that marks it complete."""
+    """Publish a shard: the file first, then the sidecar that marks it complete.
+
+    A shard that does not fit the free space is refused before anything is written; one whose
+    writing fails anyway (quota, a concurrent writer) leaves no file behind. Either way the
+    error says that the complete shards are intact and that re-running the build resumes.
+    """
     digest = hashlib.sha256()
     for p in parts:
         digest.update(p)
     size = sum(len(p) for p in parts)
-    write_atomic(_shard_file(cache_dir, index), parts)
-    sidecar = {"index": index, "file": _shard_file(cache_dir, index).name, "start": start, "stop": stop,
+    file = _shard_file(cache_dir, index)
+    free = shutil.disk_usage(cache_dir).free
+    if free < size + SIDECAR_RESERVE:
+        raise UserError(_write_failure(cache_dir, file, size, f"only {free:,} bytes are free (with "
+                                                   f"{SIDECAR_RESERVE:,} kept for the sidecar and manifest)"))
+    sidecar = {"index": index, "file": file.name, "start": start, "stop": stop,
                "bytes": size, "sha256": digest.hexdigest(), **stats}
-    write_atomic(_sidecar(cache_dir, index), json.dumps(sidecar, sort_keys=True).encode())
+    try:
+        write_atomic(file, parts)
+        write_atomic(_sidecar(cache_dir, index), json.dumps(sidecar, sort_keys=True).encode())
+    except OSError as err:
+        file.unlink(missing_ok=True)
+        raise UserError(_write_failure(cache_dir, file, size, f"writing failed: {err}")) from None
+
+
+def _write_failure(cache_dir: Path, file: Path, size: int, why: str) -> str:
+    done = sorted(p.name for p in cache_dir.glob("shard-*.json"))
+    return (f"cannot write teacher cache shard {file} ({size:,} bytes): {why}. Nothing of this shard was "
+            f"kept; the {len(done)} complete shard(s) in {cache_dir} are intact. Free disk space (or raise the quota) "
+            "and re-run the same dd-cache build command: it skips the complete shards and resumes here")
 
 
 def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
@@ -222,24 +247,14 @@ def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
 
 
 def _load_teacher(recipe, quantize: str):
-    """The teacher model (optionally bitsandbytes 8/4-bit, which needs CUDA), eval mode, on the best device."""
+    """The teacher model (optionally bitsandbytes 8/4-bit), eval mode, on this rank's CUDA device or the CPU."""
     from .models import load_model
+    from .teacher import bnb_kwargs
 
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     if quantize == "none":
-        model = load_model(recipe.teacher, "teacher").eval()
-        return model.to("cuda") if torch.cuda.is_available() else model
-    if not torch.cuda.is_available():
-        raise UserError(f"--quantize {quantize} (bitsandbytes) needs a CUDA device; none is visible here. "
-                        "Build with --quantize none (the teacher in teacher.dtype)")
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:
-        raise UserError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes ({err})") from None
-    config = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
-              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return load_model(recipe.teacher, "teacher", quantization_config=config, device_map={"": local}).eval()
+        return load_model(recipe.teacher, "teacher").to(device).eval()
+    return load_model(recipe.teacher, "teacher", **bnb_kwargs(quantize, device, f"--quantize {quantize}")).eval()
 
 
 def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_per_shard: int = 4096,
@@ -330,7 +345,11 @@ def finalize_cache(cache_dir: str | Path, manifest: dict) -> bool:
         "mean_topk_kl": sum(x["mean_kl"] * x["rows"] for x in sides) / max(rows, 1),
         "max_abs_logp_err": max((x["max_abs_logp_err"] for x in sides), default=0.0),
         "mean_max_abs_logp_err": sum(x["mean_max_abs_logp_err"] * x["rows"] for x in sides) / max(rows, 1)}
-    write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    try:
+        write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    except OSError as err:
+        raise UserError(f"cannot write {cache_dir / MANIFEST}: {err}. All {num_total} shards are complete and "
+                        "intact; free disk space and re-run dd-cache build, which then only writes the manifest") from None
     return True
 
 
@@ -632,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--max-kl", type=float, default=1e-3,
                        help="mode kl: bound on KL(exact || stored) of each token's top-k distribution, nats (default 1e-3)")
     build.add_argument("--quantize", choices=("none", "8bit", "4bit"), default="none",
-                       help="load the teacher with bitsandbytes 8-bit or 4-bit (NF4) weights; needs CUDA (default none)")
+                       help="load the teacher with bitsandbytes 8-bit or 4-bit (NF4) weights, on CUDA or the CPU (default none)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     build.set_defaults(func=_cmd_build)

@@ -119,24 +119,24 @@ def expand32(buf: np.ndarray) -> np.ndarray:
 
 
 _J = np.arange(BLOCK, dtype=np.int64)
-_BYTE = np.array([(_J * w) >> 3 for w in range(MAX_WIDTH + 1)])  # [width, field] -> byte of the field
-_SHIFT = np.array([(_J * w) & 7 for w in range(MAX_WIDTH + 1)], dtype=np.uint32)
-_MASK = np.array([(1 << w) - 1 for w in range(MAX_WIDTH + 1)], dtype=np.uint32)
 
 
 def unpack_blocks(words: np.ndarray, offsets: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """Inverse of `pack_blocks` at arbitrary byte offsets: fields uint32 [n, 8].
 
     `words` = `expand32(buf)` of a buffer that extends at least `PAD` bytes past the last block.
-    Field j of a block of width w starts in byte ``j*w >> 3`` at bit ``j*w & 7`` and, as
-    w <= MAX_WIDTH = 25, lies within the 4 bytes from there: one gather, a shift and a mask per
-    field (positions, shifts and masks from small per-width tables), blocks of any mix of
-    widths at once.
+    Field j of a block of width w at byte o starts at bit ``8 o + j w``; as w <= MAX_WIDTH = 25
+    it lies within the 4 bytes from that bit's byte: one gather, a shift and a mask per field,
+    blocks of any mix of widths at once (broadcast arithmetic, no per-width tables: gathers
+    from small tables cost more than the arithmetic).
     """
-    widths = np.asarray(widths, dtype=np.intp)
-    v = np.take(words, np.asarray(offsets, dtype=np.int64)[:, None] + _BYTE[widths], mode="clip")  # clip: no bounds checks
-    v >>= _SHIFT[widths]
-    v &= _MASK[widths][:, None]
+    small = len(words) < 2**27  # bit positions fit int32: half the memory traffic
+    dt = np.int32 if small else np.int64
+    w = np.asarray(widths).astype(dt)
+    pos = (np.asarray(offsets).astype(dt) * dt(8))[:, None] + w[:, None] * _J.astype(dt)
+    v = np.take(words, pos >> 3, mode="clip")  # clip: no bounds checks
+    v >>= (pos & 7).astype(np.uint32)
+    v &= ((np.uint32(1) << w.astype(np.uint32)) - np.uint32(1))[:, None]
     return v
 
 

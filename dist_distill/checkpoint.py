@@ -84,11 +84,15 @@ def write_atomic(path: Path, data: str | bytes | list[bytes]) -> None:
     rename, then fsync the directory: a reader sees the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     parts = [data.encode()] if isinstance(data, str) else data if isinstance(data, list) else [data]
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # disk full, quota, interrupted: no temporary file is left holding the space
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_path(str(path.parent))
 

@@ -9,6 +9,8 @@ never leaves a directory that looks whole, and an older export is replaced only 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,16 +18,25 @@ from pathlib import Path
 from .errors import UserError, run_cli
 
 
-def write_hf_model(model, state_dict: dict, tokenizer, target: str | Path, recipe=None) -> Path:
-    """Save `model`'s config with `state_dict` as safetensors, plus tokenizer (and recipe), atomically."""
+def write_hf_model(model, state_dict: dict | None, tokenizer, target: str | Path, recipe=None, extra: dict | None = None) -> Path:
+    """Save `model`'s config with `state_dict` (None: the model's own) as safetensors, plus tokenizer,
+    recipe and `extra` JSON files ({file name: object}), atomically."""
     target = Path(target)
     tmp = target.with_name(target.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=state_dict)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if recipe is not None:
         recipe.save(tmp / "recipe.yaml")
+    for name, obj in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    _publish(tmp, target)
+    return target
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move the finished directory `tmp` to `target`; an older `target` is removed only after that."""
     old = target.with_name(target.name + ".old")
     if target.exists():
         if old.exists():
@@ -34,7 +45,66 @@ def write_hf_model(model, state_dict: dict, tokenizer, target: str | Path, recip
     os.replace(tmp, target)
     if old.exists():
         shutil.rmtree(old)
-    return target
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Within the block, ``from_pretrained`` builds whole models, even in a training process whose
+    ``HfDeepSpeedConfig`` (ZeRO-3) is still alive: there it would partition the new model and
+    broadcast -- a collective that hangs when one rank alone exports."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+QUANT_REPORT = "quantization.json"
+PROBE_SHAPE = (4, 64)  # token ids of the logit comparison: batch x length, drawn with a fixed seed
+
+
+def quantize_8bit(source: str | Path, target: str | Path) -> dict:
+    """Write the Hugging Face model in `source` as a bitsandbytes LLM.int8 model directory at `target`.
+
+    Every ``nn.Linear`` but the lm_head becomes ``bnb.nn.Linear8bitLt`` (int8 weights, per-row
+    scales; outlier threshold 6.0); the weights are saved as safetensors with the
+    quantisation config in config.json, so ``from_pretrained(target)`` loads it 8-bit again.
+    Runs on CUDA when available, else on the CPU (bitsandbytes >= 0.45 has CPU int8 kernels).
+    Returns, and writes to `target`/quantization.json, what was measured: the models' memory
+    footprints in bytes (``get_memory_footprint``: parameters and buffers), the saved weight
+    bytes, and the max / mean absolute logit difference to the full-precision model on
+    ``PROBE_SHAPE`` random token ids.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .teacher import bnb_kwargs
+
+    source = Path(source)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    kwargs = bnb_kwargs("8bit", device, "8-bit export")
+    with outside_zero3_init():
+        full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+        try:
+            quant = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            raise UserError(f"8-bit export of {source} is not supported on this machine ({device}): {err}") from None
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, full.config.vocab_size, PROBE_SHAPE, generator=gen).to(device)
+    with torch.no_grad():
+        diff = (quant(probe).logits.float() - full(probe).logits).abs()
+    report = {"method": "bitsandbytes LLM.int8 (load_in_8bit, threshold 6.0)", "device": device.type,
+              "footprint_bytes_full": int(full.get_memory_footprint()),
+              "footprint_bytes_8bit": int(quant.get_memory_footprint()),
+              "logits_max_abs_diff": float(diff.max()), "logits_mean_abs_diff": float(diff.mean()),
+              "probe": f"{PROBE_SHAPE[0]}x{PROBE_SHAPE[1]} random token ids, seed 0"}
+    report["footprint_ratio"] = report["footprint_bytes_8bit"] / report["footprint_bytes_full"]
+    write_hf_model(quant, None, AutoTokenizer.from_pretrained(source), target, extra={QUANT_REPORT: report})
+    report["weights_bytes_8bit"] = sum(f.stat().st_size for f in Path(target).glob("*.safetensors"))
+    return report
 
 
 STUDENT_PREFIX = "student."
@@ -86,9 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", required=True, help="directory with the student's config.json and tokenizer")
     parser.add_argument("--out", required=True, help="target directory for the Hugging Face model")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step-300 (default: the newest committed one)")
+    parser.add_argument("--quantize", choices=["none", "8bit"], default="none",
+                        help="8bit: also write a bitsandbytes LLM.int8 copy at <out>-8bit, with its measured "
+                             "memory in quantization.json")
     args = parser.parse_args(argv)
     target = export_checkpoint(args.checkpoint_dir, args.model_dir, args.out, args.tag)
     print(f"exported to {target}")
+    if args.quantize == "8bit":
+        q_target = Path(args.out).with_name(Path(args.out).name + "-8bit")
+        report = quantize_8bit(target, q_target)
+        print(f"8-bit model at {q_target}: memory {report['footprint_bytes_8bit'] / 2**20:.2f} MiB vs "
+              f"{report['footprint_bytes_full'] / 2**20:.2f} MiB full precision ({report['footprint_ratio']:.1%}), "
+              f"max |logit diff| {report['logits_max_abs_diff']:.4f} on {report['probe']}")
     return 0
 
 

@@ -77,7 +77,7 @@ class TeacherSourceSpec:
     batch_size: int = 32
     """Samples per teacher forward pass when building the cache."""
     load_in_8bit: bool = False
-    """kind=colocated: load the frozen teacher with bitsandbytes 8-bit weights (needs CUDA)."""
+    """kind=colocated: load the frozen teacher with bitsandbytes LLM.int8 weights (CUDA, or CPU with bitsandbytes >= 0.45)."""
     tp_size: int = 1
     """kind=group: tensor-parallel ranks per teacher group (within a node)."""
     num_groups: int = 1
@@ -193,6 +193,9 @@ class OutputSpec:
     """Committed checkpoints to keep (older ones are deleted after a new one is committed; 0: keep all)."""
     export: bool = True
     """Write the trained student as a Hugging Face directory (safetensors) in `dir`/model."""
+    export_8bit: bool = False
+    """Also write a bitsandbytes LLM.int8 copy in `dir`/model-8bit (needs export), with its measured
+    memory and logit error in quantization.json."""
 
 
 @dataclass
@@ -280,6 +283,8 @@ class Recipe:
         _check(self.output.log_every >= 1, f"output.log_every={self.output.log_every}: must be >= 1")
         _check(self.output.save_every >= 0, f"output.save_every={self.output.save_every}: must be >= 0")
         _check(self.output.keep_last >= 0, f"output.keep_last={self.output.keep_last}: must be >= 0")
+        _check(self.output.export or not self.output.export_8bit,
+               "output.export_8bit=true needs output.export=true (the 8-bit copy is made from the exported model)")
         _check(op.max_consecutive_skips >= 1, f"optim.max_consecutive_skips={op.max_consecutive_skips}: must be >= 1")
         _check(self.deepspeed.startup_timeout_s > 0 and self.deepspeed.timeout_s > 0,
                "deepspeed.startup_timeout_s and deepspeed.timeout_s must be > 0")

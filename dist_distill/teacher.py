@@ -56,6 +56,24 @@ class CacheTeacher:
         return TeacherSignal(topk=(ids[mask].to(self.device), logits[mask].to(self.device), lse[mask].to(self.device)))
 
 
+def bnb_kwargs(bits: str, device: torch.device, what: str) -> dict:
+    """``from_pretrained`` arguments that load a model with bitsandbytes "8bit" (LLM.int8) or "4bit"
+    (NF4, bf16 compute) weights on `device` (CUDA, or the CPU: bitsandbytes >= 0.45 runs both there)."""
+    from .errors import UserError
+
+    try:
+        import bitsandbytes
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise UserError(f"{what} needs bitsandbytes: pip install bitsandbytes ({err})") from None
+    if device.type == "cpu" and tuple(int(x) for x in bitsandbytes.__version__.split(".")[:2]) < (0, 45):
+        raise UserError(f"{what} on the CPU needs bitsandbytes >= 0.45 (installed: {bitsandbytes.__version__}); "
+                        "upgrade it or run on CUDA")
+    config = (BitsAndBytesConfig(load_in_8bit=True) if bits == "8bit" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"))
+    return {"quantization_config": config, "device_map": {"": device.index or 0} if device.type == "cuda" else "cpu"}
+
+
 class ColocatedTeacher:
     """A frozen teacher model on this rank, run forward (no grad) on each micro-batch."""
 
@@ -78,21 +96,11 @@ class ColocatedTeacher:
 def load_colocated_teacher(spec, device: torch.device, load_in_8bit: bool = False):
     """The frozen teacher of a colocated source, replicated on this rank; optionally in 8-bit.
 
-    8-bit (bitsandbytes LLM.int8 weights, about half the memory of bf16) needs CUDA: bitsandbytes
-    imports on CPU but its 8-bit matmul does not run there, so a CPU request is refused up front.
+    8-bit: bitsandbytes LLM.int8 weights (about half the memory of bf16, a quarter of fp32) for
+    every linear layer but the lm_head; on CUDA, or on the CPU with bitsandbytes >= 0.45.
     """
-    from .errors import UserError
     from .models import load_model
 
     if not load_in_8bit:
         return load_model(spec, "teacher").to(device)
-    if device.type != "cuda":
-        raise UserError("an 8-bit colocated teacher (bitsandbytes) needs a CUDA device; this rank runs on "
-                        f"{device.type}: load the teacher in bf16/fp32 instead (teacher.dtype)")
-    try:
-        from transformers import BitsAndBytesConfig
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise UserError(f"an 8-bit colocated teacher needs bitsandbytes: pip install bitsandbytes ({err})") from None
-    return load_model(spec, "teacher", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                      device_map={"": device.index or 0})
+    return load_model(spec, "teacher", **bnb_kwargs("8bit", device, "teacher_source.load_in_8bit"))

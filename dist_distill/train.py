@@ -461,13 +461,17 @@ class Trainer:
     # ---- export and cleanup ------------------------------------------------------------------
     def export(self) -> Path:
         """Gather the ZeRO-3 partitions and write the student as an HF directory (safetensors) at output.dir/model."""
-        from .export import student_state, write_hf_model
+        from .export import quantize_8bit, student_state, write_hf_model
 
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.recipe.deepspeed.zero_stage == 3 \
             else self.engine.module.state_dict()
         target = self.out / "model"
         if self.rank == 0:
             write_hf_model(self.engine.module.student, student_state(state), self.tokenizer, target, self.recipe)
+            if self.recipe.output.export_8bit:
+                report = quantize_8bit(target, self.out / "model-8bit")
+                print(f"8-bit student exported to {self.out / 'model-8bit'}: "
+                      f"{report['footprint_ratio']:.1%} of the full-precision memory")
         torch.distributed.barrier()
         return target
 

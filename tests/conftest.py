@@ -51,6 +51,14 @@ def tiny_world(tmp_path_factory) -> Path:
     return out
 
 
+def mount_tmpfs(path: Path, size: int) -> None:
+    """Mount a tmpfs of `size` bytes (a small disk to fill) at `path`; skips the test without root."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+
+
 def world_overrides(world: Path, out: Path, cache: bool = True) -> list[str]:
     """--set overrides pointing configs/tiny/distill.yaml at a test world (teacher = untrained teacher_init)."""
     sets = [f"student.name_or_path={world}/student_init", f"teacher.name_or_path={world}/teacher_init",

@@ -3,6 +3,7 @@
 import json
 import pickle
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from dist_distill.errors import UserError
 from dist_distill.models import load_model, load_tokenizer
 from dist_distill.recipe import DataSpec, ModelSpec, load_recipe
 
-from conftest import REPO, torchrun, world_overrides
+from conftest import REPO, mount_tmpfs, torchrun, world_overrides
 
 
 def recipe_for(world, tmp_path, *extra):
@@ -150,6 +151,69 @@ def test_interrupted_build_resumes_identically(tiny_world, tmp_path, monkeypatch
     shard2.write_bytes(shard2.read_bytes()[:100])
     assert finalize_cache(cache_dir, build_cache(recipe, samples_per_shard=100, progress=False))
     assert files(cache_dir) == reference
+
+
+def test_8bit_teacher_cache(tiny_world, tmp_path):
+    """dd-cache build --quantize 8bit runs the teacher with LLM.int8 weights (on the CPU here) and
+    records it in the manifest; its logsumexp and top-k stay near the full-precision teacher's."""
+    full = built(recipe_for(tiny_world, tmp_path / "full", "teacher_source.top_k=15"), mode="lossless")
+    quant = built(recipe_for(tiny_world, tmp_path / "q8", "teacher_source.top_k=15"), mode="lossless", quantize="8bit")
+    assert quant.manifest["teacher"]["quantization"] == "8bit" and full.manifest["teacher"]["quantization"] == "none"
+    idx = torch.arange(16)
+    (ids_f, z_f, lse_f), (ids_q, z_q, lse_q) = full.fetch(idx), quant.fetch(idx)
+    assert torch.equal(ids_f, ids_q)  # k = V: every id, ascending
+    err = (z_q - z_f).abs().max()
+    assert 0 < err < 0.05 * z_f.abs().max(), (err, z_f.abs().max())
+    torch.testing.assert_close(lse_q, lse_f, atol=0.05, rtol=0)
+
+
+PAGE = 4096
+
+
+def _pages(n):
+    return -(-n // PAGE) * PAGE
+
+
+@pytest.mark.faults(2)
+def test_disk_full_while_writing_the_cache(tiny_world, tmp_path):
+    """A disk that holds two of the three shards: the third is refused before anything is written
+    (fault 1); a write that fails anyway (the disk filled behind the check) leaves no file (fault 2).
+    The complete shards stay, no manifest appears, and after space is freed the same build resumes
+    and gives the bytes of an uninterrupted build."""
+    built(recipe_for(tiny_world, tmp_path / "ref"))
+    reference = files(tmp_path / "ref/cache")
+    shards = [len(reference[f"{shard_name(i)}.ddc"]) for i in range(3)]
+    assert min(shards) > PAGE  # the third shard cannot fit the one spare page below
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, _pages(shards[0]) + _pages(shards[1]) + 2 * PAGE + cache_mod.SIDECAR_RESERVE + PAGE)
+    try:
+        recipe = load_recipe(REPO / "configs/tiny/distill.yaml",
+                             world_overrides(tiny_world, tmp_path / "run")[1::2] + [f"teacher_source.cache_dir={disk}/cache"])
+        cache_dir = disk / "cache"
+        complete = {n: b for n, b in reference.items() if n.startswith((shard_name(0), shard_name(1)))}
+        with pytest.raises(UserError, match=r"cannot write teacher cache shard .*shard-00002.ddc .*only [0-9,]+ bytes are free .*\. "
+                           r"Nothing of this shard was kept; the 2 complete shard\(s\) .* are intact.*re-run the same "
+                           r"dd-cache build command"):
+            build_cache(recipe, samples_per_shard=100, progress=False)
+        assert files(cache_dir) == complete
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - PAGE))
+        filler.rename(disk / "cache-free-space-ok")  # free space now below the shard: force the write path
+        real_usage = shutil.disk_usage
+        cache_mod.shutil.disk_usage = lambda p: real_usage(p)._replace(free=1 << 40)
+        try:
+            with pytest.raises(UserError, match=r"shard-00002.ddc .*writing failed: .*No space left on device"):
+                build_cache(recipe, samples_per_shard=100, progress=False)
+        finally:
+            cache_mod.shutil.disk_usage = real_usage
+        assert files(cache_dir) == complete  # no partial or temporary file
+        (disk / "cache-free-space-ok").unlink()
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert finalize_cache(cache_dir, build_cache(recipe, samples_per_shard=100, progress=False))
+        assert files(cache_dir) == reference
+        assert verify_cache(cache_dir) == 3
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_array_tasks_split_the_work(tiny_world, tmp_path):

@@ -41,11 +41,12 @@ def test_overrides_are_typed():
     ("optim.warmup_steps=500", "optim.warmup_steps=500 must be >= 0 and below optim.max_steps=100"),
     ("loss.ce_weight=0.5", "loss.ce_weight=0.5 needs a teacher, but teacher_source.kind=none"),
     ("loss.temperature=0", "loss.temperature=0.0: must be > 0"),
+    (["output.export=false", "output.export_8bit=true"], "output.export_8bit=true needs output.export=true"),
     ("optim", "override 'optim': expected the form section.key=value"),
 ])
 def test_bad_recipes_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:
-        load_recipe(None, MINIMAL + [override])
+        load_recipe(None, MINIMAL + (override if isinstance(override, list) else [override]))
     assert message in str(err.value)
 
 

@@ -1,7 +1,6 @@
 """Fault injection on CPU, 2 ranks, gloo: crashes, partial checkpoints, NaN steps, dead ranks, full disks."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, quiet_env, torchrun, world_overrides
+from conftest import REPO, mount_tmpfs, quiet_env, torchrun, world_overrides
 from dist_distill.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -121,18 +120,11 @@ def test_a_dead_rank_makes_the_other_exit_within_the_timeout(tiny_world, tmp_pat
     assert "Traceback" not in err
 
 
-def _mount_tmpfs(path, size):
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-
-
 @pytest.mark.faults(1)
 def test_disk_full_during_checkpoint(tiny_world, tmp_path, straight):
     size = sum(f.stat().st_size for f in (straight / "checkpoints/step-3").rglob("*") if f.is_file())
     disk = tmp_path / "small_disk"
-    _mount_tmpfs(disk, size * 3 // 2 + 256 * 1024)  # room for one checkpoint and the logs, not two
+    mount_tmpfs(disk, size * 3 // 2 + 256 * 1024)  # room for one checkpoint and the logs, not two
     try:
         proc = train(tiny_world, disk, "--set", "optim.max_steps=8", "--set", "output.save_every=3",
                      "--set", "output.export=false", check=False)

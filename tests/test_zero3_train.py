@@ -26,7 +26,7 @@ def distilled(tiny_world, tmp_path_factory):
     torchrun(2, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *sets, "--samples-per-shard", "100")
     # ce_weight=0: the student is pulled only towards the (untrained, random) teacher, so the divergence must fall
     torchrun(2, "dist_distill.train", "configs/tiny/distill.yaml", *sets, *STEPS, "--set", "output.save_every=15",
-             "--set", "loss.ce_weight=0.0")
+             "--set", "loss.ce_weight=0.0", "--set", "output.export_8bit=true")
     return out
 
 
@@ -56,11 +56,37 @@ def test_checkpoints_and_export(distilled, tmp_path):
     assert (distilled / "checkpoints/latest").read_text().strip() == "step-30"
     final = load_file(distilled / "model/model.safetensors")
     module_cmd("dist_distill.export", str(distilled / "checkpoints"), "--model-dir", str(distilled / "model"),
-               "--out", str(tmp_path / "exported"))
+               "--out", str(tmp_path / "exported"), "--quantize", "8bit")
     exported = load_file(tmp_path / "exported/model.safetensors")
     assert final.keys() == exported.keys()
     for name in final:
         torch.testing.assert_close(exported[name], final[name], rtol=0, atol=0, msg=name)
+    check_8bit_export(tmp_path / "exported", tmp_path / "exported-8bit")
+    check_8bit_export(distilled / "model", distilled / "model-8bit")  # written at the end of training (rank 0 alone)
+
+
+def check_8bit_export(full_dir, q_dir):
+    """The 8-bit copy: safetensors only, loads 8-bit with from_pretrained, is smaller, and its logits
+    stay near the full-precision model's (the report's numbers are re-measured here)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    assert sorted(p.name for p in q_dir.iterdir() if "safetensors" in p.name or p.suffix == ".bin") == ["model.safetensors"]
+    report = json.loads((q_dir / "quantization.json").read_text())
+    assert json.loads((q_dir / "config.json").read_text())["quantization_config"]["load_in_8bit"] is True
+    quant = AutoModelForCausalLM.from_pretrained(q_dir, device_map="cpu")
+    full = AutoModelForCausalLM.from_pretrained(full_dir)
+    linears = [m for n, m in quant.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    assert linears and all(isinstance(m, bnb.nn.Linear8bitLt) for m in linears)
+    assert quant.get_memory_footprint() == report["footprint_bytes_8bit"]
+    assert full.get_memory_footprint() == report["footprint_bytes_full"]
+    assert report["footprint_ratio"] < 0.6, report  # int8 weights; embeddings, norms and lm_head stay fp32
+    ids = torch.randint(0, full.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = full(ids).logits, quant(ids).logits.float()
+    err = (got - ref).abs().max()
+    assert 0 < err < 0.05 * ref.abs().max(), (err, ref.abs().max())  # quantised (not a copy), but close
+    assert report["logits_max_abs_diff"] < 0.05 * ref.abs().max()
 
 
 def test_one_rank_equals_two_ranks(tiny_world, tmp_path):
