@@ -397,7 +397,7 @@ class _Shard:
         self.seq_len, self.vocab_size, self.start = h["seq_len"], h["vocab_size"], h["start"]
         self.nb2 = self.s["widths"].shape[1] if self.s["widths"].ndim == 2 else 0
 
-    def decode(self, local: np.ndarray):
+    def decode(self, local: np.ndarray, ids_dtype=np.int32):
         """Rows of samples `local` (shard-relative): ids int32 [R, k], values fp32 [R, k], lse [R], positions mask [n, L].
 
         The samples' byte ranges of both streams are copied out of the memory map into one
@@ -422,7 +422,8 @@ class _Shard:
         off_a = np.repeat(start_a, counts) + csum - (np.repeat(csum[first_row], counts) if len(csum) else 0)
         values = s["values"][rows] if self.mode == "lossless" else None
         ids, vals, lse = codec.decode_rows(self.k, self.vocab_size, self.mode, self.value_dtype, header, widths,
-                                           buf_a, off_a, values, buf_b, np.repeat(start_b, counts), seg)
+                                           buf_a, off_a, values, buf_b, np.repeat(start_b, counts), seg,
+                                           ids_dtype=ids_dtype)
         mask = np.unpackbits(s["row_mask"][local], axis=1, count=self.seq_len, bitorder="little").astype(bool)
         return ids, vals, lse, mask
 
@@ -496,9 +497,10 @@ class TeacherCache:
             self._shards[index] = _Shard(self.dir / entry["file"], entry, self.manifest)
         return self._shards[index]
 
-    def rows(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Stored rows of samples `indices`, in order: ids int32 [R, K], raw logits fp32 [R, K], lse [R],
-        and the positions that hold them, bool [B, L] (row-major order of the True entries)."""
+    def rows(self, indices, ids_dtype=np.int32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Stored rows of samples `indices`, in order: ids [R, K] (`ids_dtype`, int32 or int64), raw
+        logits fp32 [R, K], lse [R], and the positions that hold them, bool [B, L] (row-major order
+        of the True entries)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.manifest["num_samples"]):
             raise IndexError(f"sample index out of range [0, {self.manifest['num_samples']})")
@@ -510,7 +512,7 @@ class TeacherCache:
             if len(run) == 0:
                 continue
             sh = self.shard(int(shard_of[run[0]]))
-            ids, vals, lse, mask = sh.decode(idx[run] - sh.start)
+            ids, vals, lse, mask = sh.decode(idx[run] - sh.start, ids_dtype)
             parts.append((ids, vals, lse))
             masks[run] = mask
         if len(parts) == 1:
@@ -528,20 +530,20 @@ class TeacherCache:
         kk = self.manifest["k"] if k is None else k
         if kk > self.manifest["k"]:
             raise UserError(f"teacher cache {self.dir} keeps k={self.manifest['k']} logits per token, asked for {kk}")
-        ids, vals, lse, mask = self.rows(indices.cpu().numpy() if torch.is_tensor(indices) else indices)
+        ids, vals, lse, mask = self.rows(indices.cpu().numpy() if torch.is_tensor(indices) else indices, np.int64)
         ids, vals = torch.from_numpy(ids), torch.from_numpy(vals)
         if kk < ids.shape[1]:
             vals, pick = vals.topk(kk, dim=1, sorted=False)
             ids = ids.gather(1, pick)
         b, length = mask.shape
-        mask_t = torch.from_numpy(mask)
-        out_ids = torch.zeros(b, length, kk, dtype=torch.int64)
-        out_vals = torch.zeros(b, length, kk, dtype=torch.float32)
-        out_lse = torch.zeros(b, length, dtype=torch.float32)
-        out_ids[mask_t] = ids.long()
-        out_vals[mask_t] = vals
-        out_lse[mask_t] = torch.from_numpy(lse)
-        return out_ids, out_vals, out_lse
+        lse = torch.from_numpy(lse)
+        if mask.all():  # every position holds a row: the rows are the [B, L] grid already
+            return ids.view(b, length, kk), vals.view(b, length, kk), lse.view(b, length)
+        where = torch.from_numpy(np.flatnonzero(mask.reshape(-1)))
+        out_ids = torch.zeros(b * length, kk, dtype=torch.int64).index_copy_(0, where, ids)
+        out_vals = torch.zeros(b * length, kk, dtype=torch.float32).index_copy_(0, where, vals)
+        out_lse = torch.zeros(b * length, dtype=torch.float32).index_copy_(0, where, lse)
+        return out_ids.view(b, length, kk), out_vals.view(b, length, kk), out_lse.view(b, length)
 
     def row_mask(self, indices) -> torch.Tensor:
         """bool [B, L]: the positions of samples `indices` that hold a teacher row."""

@@ -53,6 +53,11 @@ from __future__ import annotations
 
 import numpy as np
 
+try:  # optional C decoder (setup.py builds it); same results, bit for bit, as the numpy decoder below
+    from . import _codec_native
+except ImportError:
+    _codec_native = None
+
 BLOCK = 8  # values per packed block: a block of 8 fields of w bits is exactly w bytes
 PAD = 32  # zero bytes after every stream: reads a few bytes past a field never run off its end
 MODES = ("kl", "lossless")
@@ -445,18 +450,23 @@ def dequantise(base: np.ndarray, scale: np.ndarray, coarse: np.ndarray, rows: np
 
 def decode_rows(k: int, vocab_size: int, mode: str, value_dtype: str, header: np.ndarray, widths: np.ndarray,
                 stream_a: np.ndarray, off_a: np.ndarray, values: np.ndarray | None = None,
-                stream_b: np.ndarray | None = None, off_b0: np.ndarray | None = None, seg_b: np.ndarray | None = None):
+                stream_b: np.ndarray | None = None, off_b0: np.ndarray | None = None, seg_b: np.ndarray | None = None,
+                native: bool = True, ids_dtype=np.int32):
     """Decode n rows: ids int32 [n, k] (ascending), values fp32 [n, k] (raw logits z = logp + lse), lse fp32 [n].
 
     `off_a`: byte offset of each row in `stream_a` (a uint8 buffer padded by `PAD` bytes). For mode lossless,
     `values` are the rows of the dense value section. For mode kl, refinement offsets are
     computed here: `off_b0[i]` is the byte offset in `stream_b` of the first row of the
     segment `seg_b[i]` that row i belongs to (segments: runs of consecutive rows, `seg_b`
-    non-decreasing).
+    non-decreasing). `native`: use the C decoder when it is built (else, or with False, numpy).
+    `ids_dtype`: np.int32 or np.int64 (what torch indexing wants; the C decoder writes it directly).
     """
     n = len(off_a)
     kp, nb = _kpad(k), _kpad(k) // BLOCK
     off_a = np.asarray(off_a, dtype=np.int64)
+    if native and _codec_native is not None:
+        return _decode_native(k, vocab_size, mode, value_dtype, header, widths, stream_a, off_a, values,
+                              stream_b, off_b0, seg_b, ids_dtype)
     bytes_a, stream_a = stream_a, expand32(stream_a)
     id_w = id_widths_from_codes(unpack_nibbles(widths, nb), vocab_size)
     blk_w = np.cumsum(id_w, axis=1)
@@ -464,12 +474,11 @@ def decode_rows(k: int, vocab_size: int, mode: str, value_dtype: str, header: np
     gaps = unpack_blocks(stream_a, blk_off.reshape(-1), id_w.reshape(-1)).reshape(n, kp)
     ids = gaps.view(np.int32)
     ids += 1
-    ids = np.cumsum(ids, axis=1, dtype=np.int32)[:, :k]
+    ids = np.cumsum(ids, axis=1, dtype=np.dtype(ids_dtype))[:, :k]
     ids -= 1
     lse = header["lse"].astype(np.float32)
     if mode == "lossless":  # `values`: the rows' stored values [n, k] (uint16 bf16 bits or float32)
-        z = (values.astype(np.uint32) << 16).view(np.float32) if value_dtype == "bf16" else values.astype(np.float32)
-        return ids, z, lse
+        return ids, _lossless_values(values, value_dtype), lse
     be = header["be"]
     b = (be & 15).astype(np.int64) + 1
     e = (be >> 4).astype(np.int64)
@@ -492,3 +501,27 @@ def decode_rows(k: int, vocab_size: int, mode: str, value_dtype: str, header: np
         fine = unpack_blocks(expand32(stream_b), boff, ew).reshape(-1)[_ragged_slots(nh, nblk * BLOCK)]
     base = header["m"].astype(np.float32) + lse
     return ids, dequantise(base, header["scale"], coarse, rows, cols, fine, e), lse
+
+
+def _lossless_values(values: np.ndarray, value_dtype: str) -> np.ndarray:
+    """Stored lossless values [n, k] (uint16 bf16 bits or float32) as float32 logits."""
+    return (values.astype(np.uint32) << 16).view(np.float32) if value_dtype == "bf16" else values.astype(np.float32)
+
+
+def _decode_native(k, vocab_size, mode, value_dtype, header, widths, stream_a, off_a, values, stream_b, off_b0, seg_b,
+                   ids_dtype):
+    """`decode_rows` through the C decoder (dist_distill/_codec_native.c)."""
+    n = len(off_a)
+    kl = mode == "kl"
+    ids = np.empty((n, k), dtype=np.dtype(ids_dtype))
+    vals = np.empty((n, k) if kl else (0,), dtype=np.float32)
+    none64 = np.zeros(0, dtype=np.int64)
+    _codec_native.decode(
+        k, id_width(vocab_size), int(kl),
+        np.ascontiguousarray(header).view(np.uint8) if kl else np.zeros(0, np.uint8),
+        np.ascontiguousarray(widths, dtype=np.uint8), np.ascontiguousarray(stream_a, dtype=np.uint8), off_a,
+        np.ascontiguousarray(stream_b, dtype=np.uint8) if kl else np.zeros(0, np.uint8),
+        np.ascontiguousarray(off_b0, dtype=np.int64) if kl else none64,
+        np.ascontiguousarray(seg_b, dtype=np.int64) if kl else none64, ids, vals)
+    lse = header["lse"].astype(np.float32)
+    return ids, (vals if kl else _lossless_values(values, value_dtype)), lse

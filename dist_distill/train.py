@@ -476,9 +476,14 @@ class Trainer:
         return target
 
     def cleanup(self) -> None:
+        """Close the logs; then every rank leaves the process group together (a group torn down by
+        interpreter exit while a peer is already gone can abort the process from gloo's threads)."""
         if self.rank == 0:
             self.writer.close()
             self.metrics.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def _is_communication_failure(err: RuntimeError) -> bool:
