@@ -11,7 +11,9 @@ Ids: which vocabulary ids hold the top-k. "uniform" draws them uniformly (the wo
 the id code: a random 128-subset of 151936 ids carries 186 bytes of information); "zipfS"
 draws them without replacement with probability proportional to ``(id + 1)^-S``, a model of
 BPE vocabularies whose ids are roughly in merge (frequency) order, where frequent tokens
-are the usual candidates.
+are the usual candidates; "zipfS-shuffled" gives the same popularity to a random permutation
+of the vocabulary (frequent tokens at arbitrary ids: what the per-shard frequency-rank coding
+of ids is for).
 
 Each configuration codes --tokens rows into one shard (all positions of samples of
 --seq-len tokens hold a row), writes it, then reads random batches of --batch samples
@@ -48,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=151936, help="vocabulary size V (default 151936, Qwen2.5)")
     ap.add_argument("--ks", default="64,128", help="comma-separated k values (default 64,128)")
-    ap.add_argument("--ids", default="uniform,zipf1.0,zipf1.2", help="id models (default uniform,zipf1.0,zipf1.2)")
+    ap.add_argument("--ids", default="uniform,zipf1.0,zipf1.2,zipf1.0-shuffled",
+                    help="id models (default uniform,zipf1.0,zipf1.2,zipf1.0-shuffled)")
     ap.add_argument("--modes", default="kl,lossless", help="cache modes (default kl,lossless)")
     ap.add_argument("--tokens", type=int, default=65536, help="rows per configuration (default 65536)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
@@ -84,7 +87,12 @@ def synthetic_values(n: int, k: int, vocab: int, a_min: float, a_max: float, rng
 
 
 def synthetic_ids(n: int, k: int, vocab: int, model: str, rng) -> np.ndarray:
-    """Top-k ids [n, k]: uniform, or Zipf(S) popularity over the id order, without replacement."""
+    """Top-k ids [n, k]: uniform, or Zipf(S) popularity over the id order, without replacement;
+    "zipfS-shuffled": the same popularity over a random permutation of the vocabulary (frequent
+    tokens with arbitrary ids)."""
+    if model.endswith("-shuffled"):
+        perm = np.random.default_rng(12345).permutation(vocab)
+        return perm[synthetic_ids(n, k, vocab, model.removesuffix("-shuffled"), rng)]
     if model == "uniform":
         cdf = np.arange(1, vocab + 1, dtype=np.float64) / vocab
     else:
@@ -137,6 +145,8 @@ def bench_config(vocab, k, ids_model, mode, args, rng, tmp: Path) -> dict:
     # error measured on what a reader gets back, against the exact rows
     sample = np.arange(min(n_samples, 16))
     got_ids, got_z, got_lse, _ = cache.rows(sample)
+    by_id = np.argsort(got_ids, axis=1)  # the reader returns rows in storage order
+    got_ids, got_z = np.take_along_axis(got_ids, by_id, 1), np.take_along_axis(got_z, by_id, 1)
     n_check = len(got_ids)
     order = np.argsort(ids[:n_check], axis=1)
     exact = np.take_along_axis(z[:n_check], order, 1) - lse[:n_check, None]
@@ -177,7 +187,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     try:
-        print(f"V={args.vocab} tokens/config={args.tokens} seq_len={args.seq_len} batch={args.batch} samples "
+        native = "native C" if cache_mod.codec._codec_native is not None else "numpy (C decoder not built)"
+        print(f"decoder={native} V={args.vocab} tokens/config={args.tokens} seq_len={args.seq_len} batch={args.batch} samples "
               f"({args.batch * args.seq_len} tokens) reps={args.reps} max_kl={args.max_kl} a=[{args.a_min},{args.a_max}] "
               f"torch={torch.__version__} numpy={np.__version__} threads={torch.get_num_threads()}")
         print("| k | ids | mode | bytes/token | vs dense bf16 | vs raw top-k (bf16+int32) | write tok/s | "

@@ -9,14 +9,17 @@ Format "dd-topk-v1":
                                    after the shard file, it marks the shard complete
 
 Per token the teacher runs over the FULL real vocabulary at T=1; the cache keeps its k largest
-logits (ids ascending, values in id order), normalised as ``logp = z - lse`` with the
+logits (ids in storage order, values in the same order), normalised as ``logp = z - lse`` with the
 full-vocabulary logsumexp ``lse`` (take top-k after the full logsumexp), and ``lse``. Rows are
 stored only where the student has a loss (``targets != IGNORE_INDEX``, the answer tokens);
 each sample records which of its L positions have a row, and that layout is fingerprinted
 (``dataset.targets_sha256``). Rows align with the student's tokens by (sample index, position):
 same tokenizer, same packing, same sequence length.
 
-Codec (dist_distill/cache_codec.py): ids sorted and gap-coded in bit-packed blocks of 8;
+Codec (dist_distill/cache_codec.py): ids sorted and gap-coded in bit-packed blocks of 8 -- as
+token ids, or, when that is smaller, as ranks in the shard's own id frequency order (sections
+``id_order_*``: the D distinct ids of the shard by frequency class, gap-coded; the header's
+``id_space`` is D);
 values either "lossless" (fp32, or bf16 when exact) or "kl" (default): per-row quantised with
 the EXACT KL between the renormalised top-k distributions bounded by ``--max-kl`` (1e-3 nats).
 Bytes per token (V=151936, measured by benchmarks/bench_cache.py, docs/benchmarks.md):
@@ -26,7 +29,8 @@ Shard file ``.ddc``: b"DDTOPK\\x01\\x00", u64 length of a JSON header, the heade
 name -> [offset, nbytes, dtype, shape]), then 64-byte aligned sections: ``row_mask`` (packed
 bits [n, ceil(L/8)]), ``row_start``/``a_start``/``b_start`` (int64 [n+1]: first row and byte
 offsets of each sample), ``header`` (per-row struct), ``widths`` (id width nibbles),
-``stream_a`` (ids and coarse values), ``stream_b`` (refinements), ``values`` (lossless).
+``stream_a`` (ids and coarse values), ``stream_b`` (refinements), ``values`` (lossless),
+``id_order_sizes``/``id_order_widths``/``id_order_blocks`` (optional, see above).
 
 Building: each shard is written to a temporary name, fsynced and renamed; the sidecar follows
 the same way. A re-run skips shards whose sidecar and file (of the recorded size) exist and
@@ -165,7 +169,8 @@ def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float
     """Code rows (ids [R, k], raw logits [R, k], lse [R]) of samples whose row positions are `mask` [n, L]."""
     n, seq_len = mask.shape
     k = ids.shape[1]
-    enc = codec.encode_rows(ids, vals, lse, vocab_size, mode, max_kl)
+    table, ranks, id_space = frequency_ranks(np.asarray(ids), vocab_size)
+    enc = codec.encode_rows(ranks, vals, lse, id_space, mode, max_kl)
     rows_per_sample = mask.sum(axis=1)
     row_start = np.concatenate([[0], np.cumsum(rows_per_sample)]).astype(np.int64)
     sample_of_row = np.repeat(np.arange(n), rows_per_sample)
@@ -183,9 +188,10 @@ def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float
     }
     if mode == "lossless":
         sections["values"] = enc["values"]
+    sections.update(table or {})
     meta = {"k": k, "mode": mode, "value_dtype": enc["value_dtype"], "num_samples": n, "seq_len": seq_len,
             "rows": int(len(ids)), "start": start, "stop": start + n if stop is None else stop,
-            "vocab_size": vocab_size}
+            "vocab_size": vocab_size, "id_space": id_space}
     parts, header = serialise_shard(sections, meta)
     kl, err = enc["stats"]["kl"], enc["stats"]["max_abs_err"]
     stats = {"rows": int(len(ids)), "max_kl": float(kl.max()) if len(kl) else 0.0,
@@ -193,6 +199,27 @@ def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float
              "max_abs_logp_err": float(err.max()) if len(err) else 0.0,
              "mean_max_abs_logp_err": float(err.mean()) if len(err) else 0.0}
     return parts, header, stats
+
+
+def frequency_ranks(ids: np.ndarray, vocab_size: int):
+    """How a shard codes its ids: ``(table, codes, id_space)``.
+
+    When coding each id as its rank in the shard's frequency order (`codec.frequency_order`) is
+    smaller, table included, than coding the raw ids: the table's sections (``id_order_sizes``,
+    ``id_order_widths``, ``id_order_blocks``), the ranks [R, k] and the number D of distinct
+    ids. Otherwise ``(None, ids, vocab_size)``.
+    """
+    if len(ids) == 0:
+        return None, ids, vocab_size
+    order, sizes = codec.frequency_order(ids, vocab_size)
+    rank_of = np.zeros(vocab_size, dtype=np.int64)
+    rank_of[order] = np.arange(len(order))
+    ranks = rank_of[ids]
+    widths, blocks = codec.pack_order(order, sizes)
+    table = {"id_order_sizes": sizes, "id_order_widths": widths, "id_order_blocks": blocks}
+    if codec.id_code_bytes(ranks, len(order)) + sum(t.nbytes for t in table.values()) < codec.id_code_bytes(ids, vocab_size):
+        return table, ranks, len(order)
+    return None, ids, vocab_size
 
 
 SIDECAR_RESERVE = 64 * 1024  # bytes kept free for the shard's sidecar and the manifest
@@ -293,7 +320,8 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
     manifest["teacher"]["quantization"] = quantize
     manifest.update(samples_per_shard=samples_per_shard,
                     codec={"mode": mode, "max_kl": max_kl if mode == "kl" else 0.0, "block": codec.BLOCK,
-                           "ids": "ascending, gap-coded, bit-packed in blocks of 8 at the block's width",
+                           "ids": "ascending (token ids, or per-shard frequency ranks when smaller), gap-coded, "
+                                  "bit-packed in blocks of 8 at the block's width",
                            "values": ("per-row coarse b-bit levels + e-bit refinement of the head, exact "
                                       "top-k KL <= max_kl" if mode == "kl" else "raw logits fp32 (bf16 when exact)"),
                            "rows": "positions with targets != -100"})
@@ -395,6 +423,16 @@ class _Shard:
         self.s["header"] = self.s["header"].view(header_dtype).reshape(-1)
         self.k, self.mode, self.value_dtype = h["k"], h["mode"], h["value_dtype"]
         self.seq_len, self.vocab_size, self.start = h["seq_len"], h["vocab_size"], h["start"]
+        self.id_space = h.get("id_space", self.vocab_size)  # ids coded as frequency ranks in [0, id_space)
+        self.id_order = None
+        if "id_order_sizes" in self.s:
+            sizes = np.asarray(self.s["id_order_sizes"])
+            order = codec.unpack_order(self.s["id_order_widths"], self.s["id_order_blocks"], sizes) \
+                if sizes.sum() == self.id_space else None
+            if order is None or (len(order) and (order.min() < 0 or order.max() >= self.vocab_size)):
+                raise UserError(f"teacher cache shard {path} fails its id table check: the table does not hold "
+                                f"{self.id_space} ids of a {self.vocab_size}-token vocabulary")
+            self.id_order = {np.dtype(np.int32): order, np.dtype(np.int64): order.astype(np.int64)}
         self.nb2 = self.s["widths"].shape[1] if self.s["widths"].ndim == 2 else 0
 
     def decode(self, local: np.ndarray, ids_dtype=np.int32):
@@ -411,7 +449,7 @@ class _Shard:
         header = s["header"][rows]
         widths = s["widths"][rows]
         nb = codec._kpad(self.k) // codec.BLOCK
-        id_w = codec.id_widths_from_codes(codec.unpack_nibbles(widths, nb), self.vocab_size)
+        id_w = codec.id_widths_from_codes(codec.unpack_nibbles(widths, nb), self.id_space)
         len_a = id_w.sum(axis=1)
         if self.mode == "kl":
             len_a += nb * ((header["be"] & 15).astype(np.int64) + 1)
@@ -421,9 +459,11 @@ class _Shard:
         first_row = np.minimum(_excl(counts), max(len(csum) - 1, 0))
         off_a = np.repeat(start_a, counts) + csum - (np.repeat(csum[first_row], counts) if len(csum) else 0)
         values = s["values"][rows] if self.mode == "lossless" else None
-        ids, vals, lse = codec.decode_rows(self.k, self.vocab_size, self.mode, self.value_dtype, header, widths,
+        ids, vals, lse = codec.decode_rows(self.k, self.id_space, self.mode, self.value_dtype, header, widths,
                                            buf_a, off_a, values, buf_b, np.repeat(start_b, counts), seg,
                                            ids_dtype=ids_dtype)
+        if self.id_order is not None:  # frequency ranks -> token ids
+            ids = np.take(self.id_order[np.dtype(ids_dtype)], ids, mode="clip")
         mask = np.unpackbits(s["row_mask"][local], axis=1, count=self.seq_len, bitorder="little").astype(bool)
         return ids, vals, lse, mask
 
@@ -523,7 +563,8 @@ class TeacherCache:
         """Teacher signal for samples `indices` (int64 [B]): ids int64 [B, L, k], logits fp32 [B, L, k], lse fp32 [B, L].
 
         ``logits - lse[..., None]`` are the teacher's full-vocabulary log-probabilities (T=1). The k
-        entries of a row are in ascending id order (not value order). Positions without a stored
+        entries of a row are in storage order (ascending id, or ascending frequency rank in shards
+        that code ids as ranks; not value order). Positions without a stored
         row (``targets == IGNORE_INDEX``) hold zeros. With ``k`` below the cache's k, each row keeps
         its k most probable entries.
         """

@@ -212,6 +212,59 @@ def _bitlen(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def frequency_order(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids that occur in `ids` (any shape), most frequent first, and the size of each frequency class.
+
+    Ids are ranked by frequency class ``floor(log2(count))``, highest first, and by id inside a
+    class: ``(order int32 [D], class_sizes int64 [C])``. A shard may code each id as its rank in
+    this order: a teacher's top-k candidates are the frequent tokens of its domain whatever the
+    tokenizer's id order, so ranks are small and dense where raw ids spread over the vocabulary,
+    and the gap code gets shorter. Ordering by class rather than by exact count keeps ranks
+    almost as small and makes the table itself cheap: ascending ids per class, gap-coded
+    (`pack_order`).
+    """
+    counts = np.bincount(np.asarray(ids).reshape(-1), minlength=vocab_size)
+    present = np.flatnonzero(counts)
+    cls = _bitlen(counts[present])
+    order = present[np.lexsort((present, -cls))].astype(np.int32)
+    sizes = np.bincount(cls.max() - cls, minlength=int(cls.max() - cls.min()) + 1) if len(cls) else np.zeros(0, np.int64)
+    return order, sizes[sizes > 0].astype(np.int64)
+
+
+def pack_order(order: np.ndarray, class_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids ascending within each class -> (block widths uint8 [ceil(D/8)], packed gap blocks uint8).
+
+    Gaps restart at each class (``g = id - previous id - 1``, previous = -1 at a class start),
+    blocks of 8 at their own width, as the row ids are coded.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(class_sizes)[:-1]]).astype(np.int64)
+    prev = np.concatenate([[-1], order[:-1]])
+    prev[starts] = -1
+    gaps = order - prev - 1
+    d = len(gaps)
+    gaps = np.pad(gaps, (0, _kpad(d) - d)).reshape(-1, BLOCK)
+    widths = _bitlen(gaps.max(axis=1)) if len(gaps) else np.zeros(0, np.int64)
+    return widths.astype(np.uint8), pack_blocks(gaps, widths)
+
+
+def unpack_order(widths: np.ndarray, packed: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_order`: the order int32 [D]."""
+    d = int(np.sum(class_sizes))
+    w = np.asarray(widths, dtype=np.int64)
+    buf = np.concatenate([np.asarray(packed, dtype=np.uint8), np.zeros(PAD, np.uint8)])
+    gaps = unpack_blocks(expand32(buf), np.cumsum(w) - w, w).reshape(-1)[:d].astype(np.int64)
+    run = np.cumsum(gaps + 1)
+    starts = np.concatenate([[0], np.cumsum(class_sizes)[:-1]]).astype(np.int64)
+    base = np.repeat(np.concatenate([[0], run])[starts], class_sizes)
+    return (run - base - 1).astype(np.int32)
+
+
+def id_code_bytes(ids: np.ndarray, vocab_size: int) -> int:
+    """Bytes of the packed id blocks of rows `ids` [n, k] (what `encode_rows` writes for them)."""
+    return int(encode_ids(ids, vocab_size)[3].sum()) if len(ids) else 0
+
+
 def id_widths_from_codes(codes: np.ndarray, vocab_size: int) -> np.ndarray:
     codes = codes.astype(np.int64)
     return np.where(codes == FULL_WIDTH_CODE, id_width(vocab_size), codes)

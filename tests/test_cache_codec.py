@@ -194,3 +194,64 @@ def test_native_decoder_refuses_offsets_past_the_end():
     off_a[4] = len(sa) + 100  # a corrupt row offset
     with pytest.raises(ValueError, match="past the end of their stream"):
         cc.decode_rows(16, 1000, "kl", "kl", enc["header"], enc["widths"], sa, off_a, None, sb, off_b0, seg, native=True)
+
+
+# ---- ids coded as per-shard frequency ranks ----------------------------------------------------------
+@pytest.mark.parametrize("vocab,n", [(15, 40), (1000, 300), (V_QWEN, 5000)])
+def test_frequency_order_table_round_trips(vocab, n):
+    rng = np.random.default_rng(n)
+    ids = rng.zipf(1.3, n * 8) % vocab
+    order, sizes = cc.frequency_order(ids, vocab)
+    counts = np.bincount(ids, minlength=vocab)
+    assert sorted(order.tolist()) == np.flatnonzero(counts).tolist() and sizes.sum() == len(order)
+    assert np.all(np.diff(np.floor(np.log2(counts[order]))) <= 0)  # frequency classes, highest first
+    widths, blocks = cc.pack_order(order, sizes)
+    assert np.array_equal(cc.unpack_order(widths, blocks, sizes), order)
+
+
+
+def _cache_of(tmp_path, ids, z, lse, vocab, seq_len=64):
+    """Write rows (all positions of samples of seq_len tokens) as a one-shard cache and open it."""
+    from dist_distill import cache as cm
+
+    n = len(ids) // seq_len
+    mask = np.ones((n, seq_len), bool)
+    parts, header, stats = encode_shard(ids, z, lse, mask, vocab, "kl", 1e-3)
+    cm.write_shard(tmp_path, 0, 0, n, parts, stats)
+    cm.finalize_cache(tmp_path, {"format": cm.FORMAT, "k": ids.shape[1], "seq_len": seq_len, "vocab_size": vocab,
+                                 "num_samples": n, "samples_per_shard": n, "codec": {"mode": "kl"}})
+    return cm.TeacherCache(tmp_path), header
+
+
+def test_frequency_ranks_shrink_ids_the_tokenizer_spreads(tmp_path):
+    """Top-k candidates drawn from a Zipf popularity over a SHUFFLED vocabulary (the frequent tokens
+    have arbitrary ids): coding ranks in the shard's frequency order beats raw ids, table included,
+    and the reader returns the same ids."""
+    rng = np.random.default_rng(0)
+    n, k, v = 2048, 32, V_QWEN
+    popular = rng.permutation(v)
+    p = 1.0 / np.arange(1, v + 1)
+    p /= p.sum()
+    ids = np.stack([popular[rng.choice(v, k, replace=False, p=p)] for _ in range(n)])
+    _, z, lse = teacher_rows(n, k, 4096)
+    cache, header = _cache_of(tmp_path, ids, z, lse, v)
+    assert header["id_space"] < v and "id_order_blocks" in header["sections"]
+    raw_bytes = cc.id_code_bytes(ids, v)
+    ranked = cache.shard(0)
+    coded = int(cc.id_widths_from_codes(cc.unpack_nibbles(np.asarray(ranked.s["widths"]), k // 8), ranked.id_space).sum())
+    table = sum(ranked.s[name].nbytes for name in ("id_order_sizes", "id_order_widths", "id_order_blocks"))
+    assert coded + table < 0.85 * raw_bytes, (coded, table, raw_bytes)
+    got_ids, got_z, got_lse, _ = cache.rows(np.arange(n // 64))
+    order = np.argsort(got_ids, axis=1)
+    assert np.array_equal(np.take_along_axis(got_ids, order, 1), np.sort(ids, axis=1))
+    want = np.take_along_axis(z, np.argsort(ids, 1), 1) - lse[:, None]
+    assert cc.topk_kl(want, np.take_along_axis(got_z, order, 1) - got_lse[:, None]).max() <= 1e-3 * (1 + 1e-6)
+
+
+def test_uniform_ids_keep_raw_coding(tmp_path):
+    """Random ids gain nothing from ranks, and the table would cost: the shard keeps token ids."""
+    ids, z, lse = teacher_rows(128, 16, V_QWEN)
+    cache, header = _cache_of(tmp_path, ids, z, lse, V_QWEN)
+    assert header["id_space"] == V_QWEN and "id_order_blocks" not in header["sections"]
+    got_ids = cache.rows(np.arange(2))[0]
+    assert np.array_equal(got_ids, np.sort(ids, axis=1))
