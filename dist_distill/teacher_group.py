@@ -220,16 +220,35 @@ def check_tp_shape(config, tp_size: int) -> None:
 
 
 def shard_teacher(model, tp_mesh):
-    """Shard `model` in place over the 1-D mesh `tp_mesh`; returns (model, vocab offset of this rank's slice)."""
+    """Shard `model` (already in memory) in place over the 1-D mesh `tp_mesh`; returns (model, vocab
+    offset of this rank's slice)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     check_tp_shape(model.config, tp_mesh.size())
     parallelize_module(model, tp_mesh, tp_plan(model))
+    return model, vocab_offset(model, tp_mesh)
+
+
+def load_teacher_shards(spec, tp_mesh, device):
+    """The teacher of `spec` read from disk as this rank's TP shards only (no rank loads it whole);
+    returns (model, vocab offset of this rank's slice)."""
+    from transformers import AutoConfig
+
+    from .tp_loading import load_tp_sharded
+
+    check_tp_shape(AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
+                                              trust_remote_code=spec.trust_remote_code), tp_mesh.size())
+    model = load_tp_sharded(spec, tp_mesh, tp_plan, device)
+    return model, vocab_offset(model, tp_mesh)
+
+
+def vocab_offset(model, tp_mesh) -> int:
+    """First vocabulary id of this rank's lm_head slice."""
     local = model.get_output_embeddings().weight.to_local().shape[0]
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(tp_mesh.size())]
     dist.all_gather(sizes, torch.tensor([local]), group=tp_mesh.get_group())
     offset = int(sum(s.item() for s in sizes[:tp_mesh.get_local_rank()]))
-    return model, offset
+    return offset
 
 
 def vocab_parallel_topk(local_logits: torch.Tensor, offset: int, vocab_size: int, k: int, group):
@@ -423,7 +442,7 @@ def serve(recipe, roles: Roles, bridge) -> None:
 
     from .data import load_tokenized
     from .distributed import default_backend
-    from .models import load_model, load_tokenizer, tokenizer_fingerprint
+    from .models import load_tokenizer, tokenizer_fingerprint
     from .train import get_accelerator_device
 
     ts = recipe.teacher_source
@@ -443,11 +462,11 @@ def serve(recipe, roles: Roles, bridge) -> None:
             raise UserError(f"teacher_source.top_k={ts.top_k} exceeds the vocabulary ({vocab} tokens)")
         mesh = init_device_mesh(get_accelerator_device().split(":")[0], (ts.num_groups, ts.tp_size),
                                 mesh_dim_names=("group", "tp"))
-        model = load_model(recipe.teacher, "teacher").to(get_accelerator_device()).eval().requires_grad_(False)
+        device = torch.device(get_accelerator_device())
+        model, offset = load_teacher_shards(recipe.teacher, mesh["tp"], device)
         if model.config.vocab_size < vocab:
             raise UserError(f"teacher vocab_size={model.config.vocab_size} is smaller than its tokenizer's {vocab}")
-        model, offset = shard_teacher(model, mesh["tp"])
-        device = get_accelerator_device()
+        _write_shard_report(recipe, roles, model)
         teacher_data = TeacherData(data.input_ids.to(device), data.attention_mask.to(device), data.targets.to(device),
                                    vocab)
         TeacherServer(recipe, roles, bridge, model, offset, mesh["tp"].get_group(), teacher_data).run()
@@ -459,6 +478,18 @@ def serve(recipe, roles: Roles, bridge) -> None:
                                 f"({str(err).splitlines()[0][:200]})") from None
     finally:
         dist.destroy_process_group()
+
+
+def _write_shard_report(recipe, roles: Roles, model) -> None:
+    """output.dir/teacher-shard-rank{rank}.json: parameter elements this teacher rank holds vs the model's."""
+    from torch.distributed.tensor import DTensor
+
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    out = Path(recipe.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"teacher-shard-rank{roles.rank}.json").write_text(json.dumps(
+        {"rank": roles.rank, "group": roles.group, "local_elements": local, "total_elements": total}) + "\n")
 
 
 def _is_comm_error(err: BaseException) -> bool:

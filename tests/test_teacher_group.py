@@ -129,7 +129,7 @@ def _tp_helper(world: str, out: str) -> None:
     from dist_distill.data import load_tokenized
     from dist_distill.models import load_model, load_tokenizer
     from dist_distill.recipe import DataSpec, ModelSpec
-    from dist_distill.teacher_group import shard_teacher, tp_teacher_topk
+    from dist_distill.teacher_group import load_teacher_shards, tp_teacher_topk
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -138,7 +138,8 @@ def _tp_helper(world: str, out: str) -> None:
     data = load_tokenized(f"{world}/data/student_train.jsonl", tok, DataSpec(max_seq_len=16), 12)
     reference = load_model(spec, "teacher").eval()
     mesh = init_device_mesh("cpu", (2,))
-    model, offset = shard_teacher(load_model(spec, "teacher").eval(), mesh)
+    model, offset = load_teacher_shards(spec, mesh, torch.device("cpu"))  # each rank reads its slices only
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     k, vocab = 8, len(tok)
     ids, vals, lse = tp_teacher_topk(model, offset, data.input_ids, data.attention_mask, data.targets, k, vocab,
                                      mesh.get_group())
@@ -147,7 +148,8 @@ def _tp_helper(world: str, out: str) -> None:
     if dist.get_rank() == 0:
         torch.save({"ids": ids, "vals": vals, "lse": lse, "ref_ids": ref_ids[mask].long(), "ref_vals": ref_vals[mask],
                     "ref_lse": ref_lse[mask], "offset": offset, "local_vocab":
-                    model.lm_head.weight.to_local().shape[0]}, out)
+                    model.lm_head.weight.to_local().shape[0], "local_elements": local,
+                    "total_elements": sum(p.numel() for p in reference.parameters())}, out)
     dist.destroy_process_group()
 
 
@@ -160,6 +162,7 @@ def test_tp_topk_equals_one_process(tiny_world, tmp_path):
              str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out)], timeout=300)
     r = torch.load(out)
     assert r["local_vocab"] == 16 and r["ids"].shape[1] == 8 and r["ids"].shape[0] > 20
+    assert r["local_elements"] < 0.6 * r["total_elements"], r  # sharded on load: about half, plus norms/embeddings
     assert int(r["ids"].max()) < 15
     assert torch.equal(r["ids"], r["ref_ids"])
     torch.testing.assert_close(r["vals"], r["ref_vals"], rtol=1e-5, atol=1e-5)
@@ -187,6 +190,8 @@ def test_group_training_equals_cache_training(tiny_world, tmp_path):
     teacher_log = [json.loads(line) for line in (group_run / "teacher-group0.jsonl").read_text().splitlines()]
     assert [r["step"] for r in teacher_log] == list(range(1, 7)) and all(r["busy_s"] > 0 for r in teacher_log)
     assert json.loads((group_run / "partition-rank0.json").read_text())["world_size"] == 2  # ZeRO-3 on students only
+    shards = [json.loads((group_run / f"teacher-shard-rank{r}.json").read_text()) for r in range(2)]
+    assert all(s["local_elements"] < 0.6 * s["total_elements"] for s in shards), shards  # read as TP shards
 
 
 @pytest.mark.slow
