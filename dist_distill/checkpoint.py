@@ -18,14 +18,18 @@ Nothing here unpickles: RNG states and trainer state are JSON.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import UserError
 
 COMMIT_MARKER = "COMMITTED"
 PREFIX = "step-"
@@ -144,3 +148,46 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def deepspeed_safe_globals() -> list:
+    """Classes DeepSpeed pickles into its checkpoint files besides tensors and containers (found by
+    loading this project's ZeRO-3 checkpoints with ``weights_only=True``: the ZeRO stage enum and the
+    loss scaler; the scaler's fp16 variants too): allowed, and nothing else. Plain-data classes: the
+    unpickler rebuilds them from their attribute dicts without calling any code of the file."""
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    scalers = [getattr(loss_scaler, name) for name in ("LossScalerBase", "LossScaler", "DynamicLossScaler")
+               if hasattr(loss_scaler, name)]
+    return [ZeroStageEnum, *scalers]
+
+
+@contextlib.contextmanager
+def weights_only_loads(trust_pickles: bool = False):
+    """Within the block every ``torch.load`` -- DeepSpeed's checkpoint engine and ``zero_to_fp32``
+    pass ``weights_only=False`` -- runs with ``weights_only=True`` and `deepspeed_safe_globals`,
+    so a checkpoint file cannot run code. A file that needs more is refused with a `UserError`
+    naming it (deepspeed.load_pickled_checkpoints=true lifts this for trusted checkpoints).
+    """
+    if trust_pickles:
+        yield
+        return
+    real_load = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            why = str(err).split("Unsupported global:")[-1].split(" was not an allowed global")[0].strip()
+            raise UserError(f"checkpoint file {f} holds more than tensors and plain data ({why}): it was refused "
+                            "because loading it would run code from the file. If you wrote this checkpoint yourself, "
+                            "set deepspeed.load_pickled_checkpoints=true (dd-export: --load-pickled) to load it anyway") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load

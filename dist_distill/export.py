@@ -115,7 +115,8 @@ def student_state(state: dict) -> dict:
     return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
 
 
-def export_checkpoint(checkpoint_dir: str | Path, model_dir: str | Path, target: str | Path, tag: str | None = None) -> Path:
+def export_checkpoint(checkpoint_dir: str | Path, model_dir: str | Path, target: str | Path, tag: str | None = None,
+                      trust_pickles: bool = False) -> Path:
     """Consolidate a ZeRO checkpoint (all ranks' partitions) into fp32 weights and write an HF directory.
 
     checkpoint_dir: output.dir/checkpoints of a run; tag: e.g. "step-300" (default: the newest committed);
@@ -124,7 +125,7 @@ def export_checkpoint(checkpoint_dir: str | Path, model_dir: str | Path, target:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import latest_committed
+    from .checkpoint import latest_committed, weights_only_loads
 
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -139,7 +140,8 @@ def export_checkpoint(checkpoint_dir: str | Path, model_dir: str | Path, target:
         raise UserError(f"checkpoint tag {tag} not found in {checkpoint_dir}")
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model-dir {model_dir}: no config.json (give the student's model directory)")
-    state = student_state(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
+    with weights_only_loads(trust_pickles):  # DeepSpeed's consolidation calls torch.load(weights_only=False)
+        state = student_state(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
     config = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -159,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", choices=["none", "8bit"], default="none",
                         help="8bit: also write a bitsandbytes LLM.int8 copy at <out>-8bit, with its measured "
                              "memory in quantization.json")
+    parser.add_argument("--load-pickled", action="store_true",
+                        help="load the checkpoint files with torch.load(weights_only=False), which runs code stored in "
+                             "them: only for checkpoints you wrote yourself (default: weights_only=True)")
     args = parser.parse_args(argv)
-    target = export_checkpoint(args.checkpoint_dir, args.model_dir, args.out, args.tag)
+    target = export_checkpoint(args.checkpoint_dir, args.model_dir, args.out, args.tag, args.load_pickled)
     print(f"exported to {target}")
     if args.quantize == "8bit":
         q_target = Path(args.out).with_name(Path(args.out).name + "-8bit")

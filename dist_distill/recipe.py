@@ -177,6 +177,9 @@ class DeepSpeedSpec:
     """Collective timeout until the first optimizer step is done (loading, first compilation), seconds."""
     timeout_s: float = 300.0
     """Collective timeout after the first step: a dead or hung rank makes the others exit within this."""
+    load_pickled_checkpoints: bool = False
+    """Resume from DeepSpeed checkpoint files with torch.load(weights_only=False), which runs code stored in
+    them: only for checkpoints you wrote yourself. Default: weights_only=True, DeepSpeed's own classes allowed."""
 
 
 @dataclass

@@ -296,7 +296,7 @@ class Trainer:
 
         Partial checkpoints (a crash during a save) are ignored and removed.
         """
-        from .checkpoint import latest_committed, prune, set_rng_state
+        from .checkpoint import latest_committed, prune, set_rng_state, weights_only_loads
 
         root = self.out / "checkpoints"
         found = latest_committed(root)
@@ -306,7 +306,8 @@ class Trainer:
         if found is None:
             return False
         step, directory = found
-        _, client = self.engine.load_checkpoint(str(root), tag=directory.name)
+        with weights_only_loads(self.recipe.deepspeed.load_pickled_checkpoints):
+            _, client = self.engine.load_checkpoint(str(root), tag=directory.name)
         if client is None:
             raise UserError(f"could not load the checkpoint {directory}")
         state = json.loads((directory / "trainer.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, mount_tmpfs, quiet_env, torchrun, world_overrides
+from conftest import REPO, mount_tmpfs, quiet_env, run_cmd, torchrun, world_overrides
 from dist_distill.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,37 @@ def test_killed_while_writing_a_checkpoint(tiny_world, tmp_path, straight):
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-6", "step-8"]  # re-written; keep_last=2
     assert (ckpt / "step-6/COMMITTED").is_file()
     assert_same_run(straight, tmp_path)
+
+
+class _RunsCode:
+    """Unpickling this calls print(): what a tampered checkpoint could do with any callable."""
+
+    def __reduce__(self):
+        return (print, ("CODE FROM THE CHECKPOINT RAN",))
+
+
+@pytest.mark.bad_inputs(2)
+def test_checkpoint_that_would_run_code_is_refused(tiny_world, tmp_path, straight):
+    """DeepSpeed loads its files with torch.load(weights_only=False); resume and dd-export load them with
+    weights_only=True: a checkpoint file carrying a callable is refused, naming the file, and never runs."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for f in (run / "checkpoints/step-8").glob("*optim_states.pt"):
+        state = torch.load(f, weights_only=False)  # our own file from the fixture
+        state["tampered"] = _RunsCode()
+        torch.save(state, f)
+    proc = train(tiny_world, run, "--set", "optim.max_steps=10", "--set", "output.save_every=3", "--resume", check=False)
+    out = proc.stdout + proc.stderr.replace("\n  ", " ")
+    assert proc.returncode != 0 and "CODE FROM THE CHECKPOINT RAN" not in out
+    assert "optim_states.pt holds more than tensors and plain data (GLOBAL print)" in out, out[-3000:]
+    assert "deepspeed.load_pickled_checkpoints=true" in out
+    proc = run_cmd([sys.executable, "-m", "dist_distill.export", str(run / "checkpoints"), "--model-dir",
+                    str(run / "model"), "--out", str(tmp_path / "exported")], check=False)
+    err = proc.stderr.replace("\n  ", " ")
+    assert proc.returncode == 2 and "CODE FROM THE CHECKPOINT RAN" not in proc.stdout + err
+    assert "holds more than tensors and plain data" in err and not (tmp_path / "exported").exists()
 
 
 @pytest.mark.faults(1)
