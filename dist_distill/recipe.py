@@ -77,7 +77,8 @@ class TeacherSourceSpec:
     batch_size: int = 32
     """Samples per teacher forward pass when building the cache."""
     load_in_8bit: bool = False
-    """kind=colocated: load the frozen teacher with bitsandbytes LLM.int8 weights (CUDA, or CPU with bitsandbytes >= 0.45)."""
+    """kind=colocated or group: the frozen teacher's linear layers in bitsandbytes LLM.int8 (CUDA, or CPU with
+    bitsandbytes >= 0.45); a group teacher quantises its TP shards, the lm_head stays in teacher.dtype."""
     tp_size: int = 1
     """kind=group: tensor-parallel ranks per teacher group (within a node)."""
     num_groups: int = 1

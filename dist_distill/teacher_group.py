@@ -229,8 +229,9 @@ def shard_teacher(model, tp_mesh):
     return model, vocab_offset(model, tp_mesh)
 
 
-def load_teacher_shards(spec, tp_mesh, device):
-    """The teacher of `spec` read from disk as this rank's TP shards only (no rank loads it whole);
+def load_teacher_shards(spec, tp_mesh, device, load_in_8bit: bool = False):
+    """The teacher of `spec` read from disk as this rank's TP shards only (no rank loads it whole),
+    optionally with its sharded projections in bitsandbytes LLM.int8 (`quantize_tp_projections`);
     returns (model, vocab offset of this rank's slice)."""
     from transformers import AutoConfig
 
@@ -239,7 +240,55 @@ def load_teacher_shards(spec, tp_mesh, device):
     check_tp_shape(AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
                                               trust_remote_code=spec.trust_remote_code), tp_mesh.size())
     model = load_tp_sharded(spec, tp_mesh, tp_plan, device)
+    if load_in_8bit:
+        quantize_tp_projections(model, tp_mesh.get_group(), device)
     return model, vocab_offset(model, tp_mesh)
+
+
+class RowParallelOutput(torch.nn.Module):
+    """A row-parallel projection on local tensors: this rank's partial product, summed over the TP
+    group, plus the (replicated) bias -- what ``RowwiseParallel`` does with DTensors."""
+
+    def __init__(self, local: torch.nn.Module, bias: torch.Tensor | None, group):
+        super().__init__()
+        self.local, self.group = local, group
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.local(x)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_tp_projections(model, group, device) -> None:
+    """Replace the sharded q/k/v/gate/up (column-parallel) and o/down (row-parallel) projections by
+    bitsandbytes LLM.int8 linears of this rank's weight slice (per-row int8 scales of the slice),
+    working on local tensors: column-parallel ones take the replicated input and give this rank's
+    output columns, row-parallel ones are wrapped in `RowParallelOutput`. The lm_head stays in
+    the teacher's dtype (as transformers' 8-bit loading keeps it), vocab-parallel."""
+    import bitsandbytes as bnb
+    from torch.distributed.tensor import DTensor
+
+    from .teacher import bnb_kwargs
+
+    bnb_kwargs("8bit", device, "teacher_source.load_in_8bit")  # refuses an unusable bitsandbytes clearly
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in COLWISE + ROWWISE or not isinstance(module.weight, DTensor):
+            continue
+        weight = module.weight.to_local()
+        bias = module.bias.to_local() if isinstance(module.bias, DTensor) else module.bias
+        rowwise = leaf in ROWWISE
+        int8 = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=bias is not None and not rowwise,
+                                   has_fp16_weights=False, threshold=6.0)
+        state = {"weight": weight.detach().float().cpu()}
+        if bias is not None and not rowwise:
+            state["bias"] = bias.detach().float().cpu()
+        int8.load_state_dict(state)
+        int8 = int8.to(device)  # quantises the weight to int8 here
+        replacement = RowParallelOutput(int8, None if bias is None else bias.detach(), group) if rowwise else int8
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, replacement.requires_grad_(False))
 
 
 def vocab_offset(model, tp_mesh) -> int:
@@ -463,7 +512,7 @@ def serve(recipe, roles: Roles, bridge) -> None:
         mesh = init_device_mesh(get_accelerator_device().split(":")[0], (ts.num_groups, ts.tp_size),
                                 mesh_dim_names=("group", "tp"))
         device = torch.device(get_accelerator_device())
-        model, offset = load_teacher_shards(recipe.teacher, mesh["tp"], device)
+        model, offset = load_teacher_shards(recipe.teacher, mesh["tp"], device, ts.load_in_8bit)
         if model.config.vocab_size < vocab:
             raise UserError(f"teacher vocab_size={model.config.vocab_size} is smaller than its tokenizer's {vocab}")
         _write_shard_report(recipe, roles, model)

@@ -120,8 +120,9 @@ def test_colocated_8bit_teacher(tiny_world):
 
 
 # ---- multi-process (slow) ----------------------------------------------------------------------------
-def _tp_helper(world: str, out: str) -> None:
-    """torchrun --nproc_per_node 2 tests/test_teacher_group.py WORLD OUT: TP teacher vs the one-process teacher."""
+def _tp_helper(world: str, out: str, bits: str = "none") -> None:
+    """torchrun --nproc_per_node 2 tests/test_teacher_group.py WORLD OUT [8bit]: TP teacher (its projections
+    in LLM.int8 with 8bit) vs the one-process full-precision teacher."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -138,7 +139,7 @@ def _tp_helper(world: str, out: str) -> None:
     data = load_tokenized(f"{world}/data/student_train.jsonl", tok, DataSpec(max_seq_len=16), 12)
     reference = load_model(spec, "teacher").eval()
     mesh = init_device_mesh("cpu", (2,))
-    model, offset = load_teacher_shards(spec, mesh, torch.device("cpu"))  # each rank reads its slices only
+    model, offset = load_teacher_shards(spec, mesh, torch.device("cpu"), load_in_8bit=bits == "8bit")
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     k, vocab = 8, len(tok)
     ids, vals, lse = tp_teacher_topk(model, offset, data.input_ids, data.attention_mask, data.targets, k, vocab,
@@ -149,6 +150,7 @@ def _tp_helper(world: str, out: str) -> None:
         torch.save({"ids": ids, "vals": vals, "lse": lse, "ref_ids": ref_ids[mask].long(), "ref_vals": ref_vals[mask],
                     "ref_lse": ref_lse[mask], "offset": offset, "local_vocab":
                     model.lm_head.weight.to_local().shape[0], "local_elements": local,
+                    "int8_modules": sum(type(m).__name__ == "Linear8bitLt" for m in model.modules()),
                     "total_elements": sum(p.numel() for p in reference.parameters())}, out)
     dist.destroy_process_group()
 
@@ -167,6 +169,23 @@ def test_tp_topk_equals_one_process(tiny_world, tmp_path):
     assert torch.equal(r["ids"], r["ref_ids"])
     torch.testing.assert_close(r["vals"], r["ref_vals"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r["lse"], r["ref_lse"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tp_8bit_teacher_tracks_full_precision(tiny_world, tmp_path):
+    """teacher_source.load_in_8bit with 2 TP ranks: every sharded projection becomes an LLM.int8 linear of
+    its slice, and the vocab-parallel top-k stays close to the full-precision one-process teacher."""
+    out = tmp_path / "tp8.pt"
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out), "8bit"], timeout=300)
+    r = torch.load(out)
+    layers = json.loads((tiny_world / "teacher_init/config.json").read_text())["num_hidden_layers"]
+    assert r["int8_modules"] == 7 * layers  # q, k, v, o, gate, up, down of every layer
+    scale = r["ref_vals"].abs().max()
+    assert 0 < (r["vals"] - r["ref_vals"]).abs().max() < 0.05 * scale  # quantised, but close
+    torch.testing.assert_close(r["lse"], r["ref_lse"], atol=0.05 * scale, rtol=0)
+    same = (r["ids"].sort(-1).values == r["ref_ids"].sort(-1).values).float().mean()
+    assert same > 0.9, same
 
 
 @pytest.mark.slow
@@ -219,7 +238,7 @@ def test_dead_or_hung_teacher_stops_students(tiny_world, tmp_path, fault):
     started = time.time()
     # a large monitor interval keeps torchrun from tearing the students down before they notice the dead peer
     proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
-                    str(free_port()), "--monitor-interval", "5" if fault == "exit" else "0.5",
+                    str(free_port()), "--monitor-interval", "30" if fault == "exit" else "0.5",
                     "-m", "dist_distill.train", "configs/tiny/distill.yaml",
                     *world_overrides(tiny_world, tmp_path), *BASE, *GROUP, "--set", "optim.max_steps=20",
                     "--set", f"teacher_source.timeout_s={timeout}"], timeout=240, check=False,
@@ -237,4 +256,4 @@ def test_dead_or_hung_teacher_stops_students(tiny_world, tmp_path, fault):
 
 
 if __name__ == "__main__":
-    _tp_helper(sys.argv[1], sys.argv[2])
+    _tp_helper(*sys.argv[1:])
