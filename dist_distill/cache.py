@@ -43,6 +43,8 @@ is byte-identical to an uninterrupted single-process build.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -87,6 +89,33 @@ def _sidecar(cache_dir: Path, index: int) -> Path:
 
 def _shard_file(cache_dir: Path, index: int) -> Path:
     return cache_dir / f"{shard_name(index)}{SHARD_SUFFIX}"
+
+
+def _lock_file(cache_dir: Path, index: int) -> Path:
+    return cache_dir / f".{shard_name(index)}.lock"
+
+
+@contextlib.contextmanager
+def shard_lock(cache_dir: Path, index: int):
+    """Exclusive, non-blocking lock on shard `index` (``flock`` on a hidden lock file; the kernel
+    releases it when its process dies, so a killed writer leaves no stale lock). Yields whether
+    this process holds it: two writers never write the same shard (e.g. a requeued array task
+    whose first run still lives). The lock file is removed before the lock is released; a writer
+    must re-check `shard_done` once it holds the lock."""
+    path = _lock_file(cache_dir, index)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def shard_done(cache_dir: Path, index: int) -> bool:
@@ -330,9 +359,6 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
     mine = [s for s in range(num_total) if s % workers == worker and not shard_done(cache_dir, s)]
     if not mine:
         return manifest
-    for s in mine:  # leftovers of a killed run of this worker (temporary files are never read)
-        for stale in cache_dir.glob(f".{shard_name(s)}.*.tmp*"):
-            stale.unlink(missing_ok=True)
     model = _load_teacher(recipe, quantize)
     if model.config.vocab_size < vocab_size:
         raise UserError(f"teacher vocab_size={model.config.vocab_size} is smaller than its tokenizer's {vocab_size}")
@@ -342,9 +368,18 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"cache[{worker}/{workers}]", disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens [{elapsed}<{remaining}, {rate_fmt}]")
     for s, start, stop in spans:
-        parts, _, stats = build_shard(model, data, start, stop, k, vocab_size, recipe.teacher_source.batch_size,
-                                      mode, max_kl, bar)
-        write_shard(cache_dir, s, start, stop, parts, stats)
+        with shard_lock(cache_dir, s) as held:
+            if not held:
+                print(f"cache worker {worker}/{workers}: shard {s} is being written by another process (it holds "
+                      f"{_lock_file(cache_dir, s).name}): skipped", flush=True)
+                continue
+            if shard_done(cache_dir, s):  # finished by another writer meanwhile
+                continue
+            for stale in cache_dir.glob(f".{shard_name(s)}.*.tmp*"):  # a killed writer's leftovers, never read
+                stale.unlink(missing_ok=True)
+            parts, _, stats = build_shard(model, data, start, stop, k, vocab_size, recipe.teacher_source.batch_size,
+                                          mode, max_kl, bar)
+            write_shard(cache_dir, s, start, stop, parts, stats)
         written += sum(len(p) for p in parts)
         rows += stats["rows"]
         worst = max(worst, stats["max_kl"])

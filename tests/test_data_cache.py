@@ -225,6 +225,31 @@ def test_disk_full_while_writing_the_cache(tiny_world, tmp_path):
         subprocess.run(["umount", str(disk)], check=False)
 
 
+@pytest.mark.faults(1)
+def test_a_shard_locked_by_another_writer_is_skipped(tiny_world, tmp_path, capsys):
+    """Two writers never write the same shard: while another process holds shard 1's lock (a requeued
+    task whose first run still lives), a build skips it and says so; once released, a re-run
+    completes the cache with the bytes of an uninterrupted build."""
+    import fcntl
+    import os
+
+    built(recipe_for(tiny_world, tmp_path / "ref"))
+    reference = files(tmp_path / "ref/cache")
+    recipe = recipe_for(tiny_world, tmp_path)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    fd = os.open(cache_mod._lock_file(cache_dir, 1), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the "other writer"
+    try:
+        assert not finalize_cache(cache_dir, build_cache(recipe, samples_per_shard=100, progress=False))
+        assert "shard 1 is being written by another process (it holds .shard-00001.lock): skipped" in capsys.readouterr().out
+        assert [cache_mod.shard_done(cache_dir, s) for s in range(3)] == [True, False, True]
+    finally:
+        os.close(fd)
+    assert finalize_cache(cache_dir, build_cache(recipe, samples_per_shard=100, progress=False))
+    assert files(cache_dir) == reference  # no lock file left behind
+
+
 def test_array_tasks_split_the_work(tiny_world, tmp_path):
     recipe = recipe_for(tiny_world, tmp_path)
     manifest = build_cache(recipe, shard_index=0, num_shards=2, samples_per_shard=100, progress=False)
