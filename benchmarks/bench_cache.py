@@ -24,6 +24,7 @@ machine disturb less than wall-clock time.
 
     .venv/bin/python benchmarks/bench_cache.py                      # synthetic, k=64 and 128
     .venv/bin/python benchmarks/bench_cache.py --teacher runs/quickstart/teacher/model
+    .venv/bin/python benchmarks/bench_cache.py --ids "" --ngram-corpus a.txt,b.txt   # real-text bigram teacher
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--a-max", type=float, default=2.5, help="largest Zipf exponent of the logits (default 2.5)")
     ap.add_argument("--teacher", default=None, help="also cache a real teacher: model dir for configs/tiny/distill.yaml")
     ap.add_argument("--world", default="runs/quickstart/world", help="tiny world of --teacher (default runs/quickstart/world)")
+    ap.add_argument("--ngram-corpus", default=None,
+                    help="comma-separated text files: also measure a bigram teacher of this real text over a BPE "
+                         "vocabulary trained on it (up to --vocab tokens; benchmarks/ngram_teacher.py)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return ap.parse_args()
 
@@ -121,10 +125,18 @@ def median_time(fn, reps: int) -> float:
 
 
 def bench_config(vocab, k, ids_model, mode, args, rng, tmp: Path) -> dict:
-    n_samples = args.tokens // args.seq_len
-    rows = n_samples * args.seq_len
+    rows = args.tokens // args.seq_len * args.seq_len
     z, lse = synthetic_values(rows, k, vocab, args.a_min, args.a_max, rng)
-    ids = synthetic_ids(rows, k, vocab, ids_model, rng)
+    return bench_rows(synthetic_ids(rows, k, vocab, ids_model, rng), z, lse, vocab, ids_model, mode, args, rng, tmp)
+
+
+def bench_rows(ids, z, lse, vocab, label, mode, args, rng, tmp: Path) -> dict:
+    """Code rows (ids [R, k], raw logits [R, k], lse [R]; R a multiple of --seq-len) into one shard, read it back."""
+    k = ids.shape[1]
+    n_samples = len(ids) // args.seq_len
+    rows = n_samples * args.seq_len
+    ids, z, lse = ids[:rows], z[:rows], lse[:rows]
+    ids_model = label.replace(" ", "-")
     mask = np.ones((n_samples, args.seq_len), dtype=bool)
     t = time.process_time()
     parts, _, stats = cache_mod.encode_shard(ids, z, lse, mask, vocab, mode, args.max_kl)
@@ -195,10 +207,24 @@ def main() -> None:
               "decode tok/s | fetch tok/s | max top-k KL | mean top-k KL | max abs logp err |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for k in (int(x) for x in args.ks.split(",")):
-            for ids_model in args.ids.split(","):
+            for ids_model in filter(None, args.ids.split(",")):  # --ids "" : only the n-gram teacher
                 for mode in args.modes.split(","):
                     r = bench_config(args.vocab, k, ids_model, mode, args, rng, tmp)
                     print(f"| {k} | {ids_model} | {mode} | {r['bytes_per_token']:.1f} | {r['dense_ratio']:.0f}x | "
+                          f"{r['raw_ratio']:.2f}x | {r['write_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} | "
+                          f"{r['fetch_tok_s']:,.0f} | {r['checked_max_kl']:.2e} | {r['mean_kl']:.2e} | "
+                          f"{r['checked_max_abs_err']:.3f} |", flush=True)
+        if args.ngram_corpus:
+            from ngram_teacher import corpus_rows
+
+            windows = args.tokens // args.seq_len
+            for k in (int(x) for x in args.ks.split(",")):
+                ids, z, lse, vocab, n_tok = corpus_rows(args.ngram_corpus.split(","), args.vocab, k, windows,
+                                                        args.seq_len, rng)
+                for mode in args.modes.split(","):
+                    r = bench_rows(ids, z, lse, vocab, f"ngram V={vocab}", mode, args, rng, tmp)
+                    print(f"| {k} | bigram teacher, V={vocab}, {n_tok / 1e6:.1f}M corpus tokens | {mode} | "
+                          f"{r['bytes_per_token']:.1f} | {r['dense_ratio']:.0f}x | "
                           f"{r['raw_ratio']:.2f}x | {r['write_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} | "
                           f"{r['fetch_tok_s']:,.0f} | {r['checked_max_kl']:.2e} | {r['mean_kl']:.2e} | "
                           f"{r['checked_max_abs_err']:.3f} |", flush=True)
