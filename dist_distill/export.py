@@ -76,7 +76,9 @@ def quantize_8bit(source: str | Path, target: str | Path) -> dict:
     Returns, and writes to `target`/quantization.json, what was measured: the models' memory
     footprints in bytes (``get_memory_footprint``: parameters and buffers), the saved weight
     bytes, and the max / mean absolute logit difference to the full-precision model on
-    ``PROBE_SHAPE`` random token ids.
+    ``PROBE_SHAPE`` random token ids. Both models are in memory at once (the full one in its
+    saved dtype): run it where the student fits twice, e.g. ``dd-export --quantize 8bit`` on a
+    large node after training.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,7 +89,7 @@ def quantize_8bit(source: str | Path, target: str | Path) -> dict:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     kwargs = bnb_kwargs("8bit", device, "8-bit export")
     with outside_zero3_init():
-        full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+        full = AutoModelForCausalLM.from_pretrained(source, dtype="auto").to(device).eval()
         try:
             quant = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
         except (RuntimeError, ValueError, NotImplementedError) as err:
@@ -95,7 +97,7 @@ def quantize_8bit(source: str | Path, target: str | Path) -> dict:
     gen = torch.Generator().manual_seed(0)
     probe = torch.randint(0, full.config.vocab_size, PROBE_SHAPE, generator=gen).to(device)
     with torch.no_grad():
-        diff = (quant(probe).logits.float() - full(probe).logits).abs()
+        diff = (quant(probe).logits.float() - full(probe).logits.float()).abs()
     report = {"method": "bitsandbytes LLM.int8 (load_in_8bit, threshold 6.0)", "device": device.type,
               "footprint_bytes_full": int(full.get_memory_footprint()),
               "footprint_bytes_8bit": int(quant.get_memory_footprint()),
