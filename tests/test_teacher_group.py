@@ -139,7 +139,11 @@ def _tp_helper(world: str, out: str, bits: str = "none") -> None:
     data = load_tokenized(f"{world}/data/student_train.jsonl", tok, DataSpec(max_seq_len=16), 12)
     reference = load_model(spec, "teacher").eval()
     mesh = init_device_mesh("cpu", (2,))
-    model, offset = load_teacher_shards(spec, mesh, torch.device("cpu"), load_in_8bit=bits == "8bit")
+    sharded = ModelSpec(name_or_path=f"{out}.model")  # the teacher saved as several safetensors files + index
+    if dist.get_rank() == 0:
+        reference.save_pretrained(sharded.name_or_path, max_shard_size="1MB")
+    dist.barrier()
+    model, offset = load_teacher_shards(sharded, mesh, torch.device("cpu"), load_in_8bit=bits == "8bit")
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     k, vocab = 8, len(tok)
     ids, vals, lse = tp_teacher_topk(model, offset, data.input_ids, data.attention_mask, data.targets, k, vocab,
@@ -163,6 +167,7 @@ def test_tp_topk_equals_one_process(tiny_world, tmp_path):
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
              str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out)], timeout=300)
     r = torch.load(out)
+    assert len(list(tmp_path.glob("tp.pt.model/model-*-of-*.safetensors"))) > 1  # loaded through the index
     assert r["local_vocab"] == 16 and r["ids"].shape[1] == 8 and r["ids"].shape[0] > 20
     assert r["local_elements"] < 0.6 * r["total_elements"], r  # sharded on load: about half, plus norms/embeddings
     assert int(r["ids"].max()) < 15
