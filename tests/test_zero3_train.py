@@ -3,12 +3,14 @@ loss normalisation across ranks, export."""
 
 import json
 import random
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import module_cmd, torchrun, world_overrides
+from conftest import module_cmd, run_cmd, torchrun, world_overrides
+from dist_distill.distributed import free_port
 
 pytestmark = pytest.mark.slow
 STEPS = ["--set", "optim.max_steps=30", "--set", "optim.warmup_steps=2", "--set", "optim.micro_batch_size=8"]
@@ -173,3 +175,15 @@ def test_progressive_recipe_with_hidden_and_attention_terms(tiny_world, tmp_path
     proj = [k for k in at10 if k.startswith("projections.")]
     assert proj and all(not torch.equal(at5[k], at10[k]) for k in proj), proj
     assert not any(k.startswith("projections.") for k in load_file(tmp_path / "model/model.safetensors"))
+
+
+def test_lm_head_weight_outside_a_forward_is_a_partition(tiny_world, tmp_path):
+    """Why the fused loss reads lm_head.weight inside the head's forward (DESIGN: the ZeRO-3 lm_head trap):
+    outside any forward the weight is this rank's empty placeholder (shape (0,)); inside a forward it is
+    whole -- in another module's forward only because DeepSpeed's parameter getter gathers it in eager mode."""
+    out = tmp_path / "probe.json"
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             "tests/zero3_head_probe.py", str(tiny_world), str(out)], timeout=300)
+    seen = json.loads(out.read_text())
+    assert seen["in_head_forward"] == seen["in_other_forward"] == seen["full"] == [32, 64]
+    assert seen["outside_forward"] == [0]
