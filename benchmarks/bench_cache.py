@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ngram-corpus", default=None,
                     help="comma-separated text files: also measure a bigram teacher of this real text over a BPE "
                          "vocabulary trained on it (up to --vocab tokens; benchmarks/ngram_teacher.py)")
+    ap.add_argument("--decoder", choices=["auto", "numpy"], default="auto",
+                    help="numpy: read with the numpy decoder even where the C decoder is built (default auto)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return ap.parse_args()
 
@@ -198,6 +200,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    if args.decoder == "numpy":
+        cache_mod.codec._codec_native = None
     try:
         native = "native C" if cache_mod.codec._codec_native is not None else "numpy (C decoder not built)"
         print(f"decoder={native} V={args.vocab} tokens/config={args.tokens} seq_len={args.seq_len} batch={args.batch} samples "
