@@ -467,11 +467,11 @@ class _Shard:
             if order is None or (len(order) and (order.min() < 0 or order.max() >= self.vocab_size)):
                 raise UserError(f"teacher cache shard {path} fails its id table check: the table does not hold "
                                 f"{self.id_space} ids of a {self.vocab_size}-token vocabulary")
-            self.id_order = {np.dtype(np.int32): order, np.dtype(np.int64): order.astype(np.int64)}
+            self.id_order = order.astype(np.int64)
         self.nb2 = self.s["widths"].shape[1] if self.s["widths"].ndim == 2 else 0
 
     def decode(self, local: np.ndarray, ids_dtype=np.int32):
-        """Rows of samples `local` (shard-relative): ids int32 [R, k], values fp32 [R, k], lse [R], positions mask [n, L].
+        """Rows of samples `local` (shard-relative): ids [R, k] (`ids_dtype`), values fp32 [R, k], lse [R], positions mask [n, L].
 
         The samples' byte ranges of both streams are copied out of the memory map into one
         compact buffer each (the only reads of the shard), then decoded with local offsets.
@@ -498,7 +498,7 @@ class _Shard:
                                            buf_a, off_a, values, buf_b, np.repeat(start_b, counts), seg,
                                            ids_dtype=ids_dtype)
         if self.id_order is not None:  # frequency ranks -> token ids
-            ids = np.take(self.id_order[np.dtype(ids_dtype)], ids, mode="clip")
+            ids = np.take(self.id_order, ids, mode="clip").astype(ids_dtype, copy=False)
         mask = np.unpackbits(s["row_mask"][local], axis=1, count=self.seq_len, bitorder="little").astype(bool)
         return ids, vals, lse, mask
 

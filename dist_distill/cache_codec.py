@@ -505,7 +505,7 @@ def decode_rows(k: int, vocab_size: int, mode: str, value_dtype: str, header: np
                 stream_a: np.ndarray, off_a: np.ndarray, values: np.ndarray | None = None,
                 stream_b: np.ndarray | None = None, off_b0: np.ndarray | None = None, seg_b: np.ndarray | None = None,
                 native: bool = True, ids_dtype=np.int32):
-    """Decode n rows: ids int32 [n, k] (ascending), values fp32 [n, k] (raw logits z = logp + lse), lse fp32 [n].
+    """Decode n rows: ids [n, k] (ascending, `ids_dtype`), values fp32 [n, k] (raw logits z = logp + lse), lse fp32 [n].
 
     `off_a`: byte offset of each row in `stream_a` (a uint8 buffer padded by `PAD` bytes). For mode lossless,
     `values` are the rows of the dense value section. For mode kl, refinement offsets are

@@ -219,16 +219,6 @@ def check_tp_shape(config, tp_size: int) -> None:
                         "supported yet (use teacher_source.kind=cache or colocated)")
 
 
-def shard_teacher(model, tp_mesh):
-    """Shard `model` (already in memory) in place over the 1-D mesh `tp_mesh`; returns (model, vocab
-    offset of this rank's slice)."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
-    check_tp_shape(model.config, tp_mesh.size())
-    parallelize_module(model, tp_mesh, tp_plan(model))
-    return model, vocab_offset(model, tp_mesh)
-
-
 def load_teacher_shards(spec, tp_mesh, device, load_in_8bit: bool = False):
     """The teacher of `spec` read from disk as this rank's TP shards only (no rank loads it whole),
     optionally with its sharded projections in bitsandbytes LLM.int8 (`quantize_tp_projections`);
