@@ -225,11 +225,14 @@ def load_teacher_shards(spec, tp_mesh, device, load_in_8bit: bool = False):
     returns (model, vocab offset of this rank's slice)."""
     from transformers import AutoConfig
 
+    from .models import check_model_source
     from .tp_loading import load_tp_sharded
 
-    check_tp_shape(AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
-                                              trust_remote_code=spec.trust_remote_code), tp_mesh.size())
-    model = load_tp_sharded(spec, tp_mesh, tp_plan, device)
+    check_model_source(spec, "teacher")
+    config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
+                                        trust_remote_code=spec.trust_remote_code)
+    check_tp_shape(config, tp_mesh.size())
+    model = load_tp_sharded(spec, tp_mesh, tp_plan, device, config)
     if load_in_8bit:
         quantize_tp_projections(model, tp_mesh.get_group(), device)
     return model, vocab_offset(model, tp_mesh)

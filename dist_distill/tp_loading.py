@@ -12,6 +12,7 @@ shorter or empty.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -57,9 +58,10 @@ def shard_slices(shape: torch.Size, placements, mesh_size: int, rank: int) -> tu
     return tuple(slices)
 
 
-def load_tp_sharded(spec, tp_mesh, plan_fn, device: torch.device):
-    """The causal LM of `spec`, sharded over the 1-D `tp_mesh` by ``plan_fn(model)``, on `device`,
-    in eval mode without gradients; each rank reads only its slices from disk."""
+def load_tp_sharded(spec, tp_mesh, plan_fn, device: torch.device, config=None):
+    """The causal LM of `spec` (its `config`, read here when None), sharded over the 1-D `tp_mesh` by
+    ``plan_fn(model)``, on `device`, in eval mode without gradients; each rank reads only its
+    slices from disk."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
@@ -68,9 +70,10 @@ def load_tp_sharded(spec, tp_mesh, plan_fn, device: torch.device):
 
     from .models import check_model_source, resolve_attn_implementation, resolve_dtype
 
-    check_model_source(spec, "teacher")
-    config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
-                                        trust_remote_code=spec.trust_remote_code)
+    if config is None:
+        check_model_source(spec, "teacher")
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
     dtype = resolve_dtype(spec.dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code,
@@ -78,14 +81,14 @@ def load_tp_sharded(spec, tp_mesh, plan_fn, device: torch.device):
     parallelize_module(model, tp_mesh, plan_fn(model))
     files = checkpoint_files(spec)
     rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
-    handles = {}
-    try:
+    with contextlib.ExitStack() as stack:  # each safetensors file opened once, closed at the end
+        handles = {}
         for name, param in list(model.named_parameters()):
             if name not in files:
                 raise UserError(f"teacher {spec.name_or_path}: parameter {name} is not in its safetensors files")
             path = files[name]
             if path not in handles:
-                handles[path] = safe_open(str(path), "pt", device="cpu")
+                handles[path] = stack.enter_context(safe_open(str(path), "pt", device="cpu"))
             sliced = handles[path].get_slice(name)
             if tuple(sliced.get_shape()) != tuple(param.shape):
                 raise UserError(f"teacher {spec.name_or_path}: {name} has shape {tuple(sliced.get_shape())} in "
@@ -98,8 +101,6 @@ def load_tp_sharded(spec, tp_mesh, plan_fn, device: torch.device):
                 value = sliced[:].to(device=device, dtype=dtype)
             owner, _, leaf = name.rpartition(".")
             model.get_submodule(owner).register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-    finally:
-        handles.clear()
     for name, buf in model.named_buffers():
         if buf.device != device:
             owner, _, leaf = name.rpartition(".")
