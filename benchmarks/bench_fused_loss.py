@@ -14,8 +14,8 @@ first loss call (inputs allocated). By default the workers run with glibc's mmap
 fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``), so every large buffer is mapped on allocation and
 unmapped on free and RSS follows the live tensors. With glibc's default *dynamic* threshold
 (``--malloc default``) the first freed chunk buffer raises the threshold, later buffers come
-from the heap, and the heap's fragmentation -- not the algorithm -- sets the peak RSS: the
-same call measured 130-940 MiB from run to run. CUDA: peak = max_memory_allocated - memory before the
+from the heap, and the heap's fragmentation -- not the algorithm -- sets the peak RSS (it
+varies from run to run; docs/benchmarks.md). CUDA: peak = max_memory_allocated - memory before the
 first call (inputs and .grad buffers preallocated).
 
     python benchmarks/bench_fused_loss.py --device cpu --reps 3
