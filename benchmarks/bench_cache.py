@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_distill import cache as cache_mod
-from dist_distill.cache_codec import topk_kl
+from dist_distill.teacher.cache import reader as cache_reader
+from dist_distill.teacher.cache import writer as cache_mod
+from dist_distill.teacher.cache.codec import topk_kl
 
 DISTILLKIT_K128 = 330  # bytes/token, the best published design at k=128, V~128k-152k (83% of it ids)
 HEAD = 4096
@@ -149,7 +150,7 @@ def bench_rows(ids, z, lse, vocab, label, mode, args, rng, tmp: Path) -> dict:
     manifest = {"format": cache_mod.FORMAT, "k": k, "seq_len": args.seq_len, "vocab_size": vocab,
                 "num_samples": n_samples, "samples_per_shard": n_samples, "codec": {"mode": mode}}
     cache_mod.finalize_cache(cache_dir, manifest)
-    cache = cache_mod.TeacherCache(cache_dir)
+    cache = cache_reader.TeacherCache(cache_dir)
     size = cache.manifest["shards"][0]["bytes"]
     batches = [rng.integers(0, n_samples, args.batch) for _ in range(64)]
     it = iter(range(10 ** 9))
@@ -187,7 +188,7 @@ def bench_teacher(args, tmp: Path) -> list[dict]:
         manifest = cache_mod.build_cache(recipe, samples_per_shard=256, progress=False, mode=mode, max_kl=args.max_kl)
         cache_mod.finalize_cache(recipe.teacher_source.cache_dir, manifest)
         took = time.perf_counter() - t
-        cache = cache_mod.TeacherCache(recipe.teacher_source.cache_dir)
+        cache = cache_reader.TeacherCache(recipe.teacher_source.cache_dir)
         m = cache.manifest
         size = sum(s["bytes"] for s in m["shards"])
         out.append({"mode": mode, "k": m["k"], "vocab": m["vocab_size"], "rows": m["rows"], "bytes_per_token": size / m["rows"],

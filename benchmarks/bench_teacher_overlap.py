@@ -53,7 +53,7 @@ def run(args: list[str], threads: int) -> None:
 
 
 def torchrun(nproc: int, module: str, *args: str, threads: int) -> None:
-    from dist_distill.distributed import free_port
+    from dist_distill.training.distributed import free_port
 
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
          str(free_port()), "-m", module, *args], threads)

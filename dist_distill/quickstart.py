@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from .distributed import free_port
-from .errors import UserError, run_cli
+from dist_distill.training.distributed import free_port
+from dist_distill.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

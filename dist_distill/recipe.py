@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from .errors import UserError
-from .schedules import Ramp, Stage, TermWeights, check_stages
+from dist_distill.errors import UserError
+from dist_distill.objective.schedules import Ramp, Stage, TermWeights, check_stages
 
 
 class RecipeError(UserError):
@@ -34,7 +34,7 @@ class ModelSpec:
     """Hugging Face hub name or local directory holding config.json and safetensors weights."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     """Weights dtype when loading. "auto": bfloat16 on a CUDA device that supports it, else float32."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """Attention kernel. "auto": flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
@@ -80,7 +80,9 @@ class TeacherSourceSpec:
     """kind=colocated or group: the frozen teacher's linear layers in bitsandbytes LLM.int8 (CUDA, or CPU with
     bitsandbytes >= 0.45); a group teacher quantises its TP shards, the lm_head stays in teacher.dtype."""
     tp_size: int = 1
-    """kind=group: tensor-parallel ranks per teacher group (within a node)."""
+    """Tensor-parallel ranks per teacher (within a node): the ranks of a kind=group teacher group, and the
+    ranks that share one teacher in ``dd-cache build`` (a teacher that fits no single device; the
+    launched ranks form world / tp_size data-parallel teacher replicas)."""
     num_groups: int = 1
     """kind=group: number of teacher groups; the first tp_size * num_groups ranks of the job are teachers."""
     prefetch_steps: int = 1
@@ -267,7 +269,7 @@ class Recipe:
         _check(self.intermediate.projection_l2 >= 0,
                f"intermediate.projection_l2={self.intermediate.projection_l2}: must be >= 0")
         if self.uses_term("attention"):
-            from .intermediate import check_attention_support
+            from dist_distill.objective.intermediate import check_attention_support
 
             check_attention_support(self.student.attn_implementation, "student")
             check_attention_support(self.teacher.attn_implementation, "teacher")

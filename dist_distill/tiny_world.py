@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from .errors import run_cli
+from dist_distill.errors import run_cli
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 

@@ -25,3 +25,12 @@ def assert_verbose_allclose(actual, expected, atol, rtol, max_print=12, what="")
 def assert_close(name, got, want, atol, rtol):
     """`assert_verbose_allclose` with the name first (the kernel tests' argument order)."""
     assert_verbose_allclose(got, want, atol, rtol, what=name)
+
+
+@torch.no_grad()
+def dense_teacher_topk(model, input_ids, attention_mask, k: int, vocab_size: int):
+    """Brute-force reference of the teacher scorer: the whole [B, L, V] logits at once, then the
+    full-vocabulary logsumexp and the top-k: (ids int32 [B, L, k], logits fp32 [B, L, k], lse fp32 [B, L])."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size].float()
+    values, ids = logits.topk(k, dim=-1)
+    return ids.to(torch.int32), values, torch.logsumexp(logits, dim=-1)

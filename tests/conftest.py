@@ -10,17 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_distill.distributed import free_port
+from dist_distill.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+# `python -m pytest` from the root puts the root on sys.path, where kernels/ would pass for the PyPI
+# `kernels` package (transformers probes for it); launch/test.sh also sets PYTHONSAFEPATH=1
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 # Small tensors on 2 shared cores: one intra-op thread is much faster and avoids oversubscription.
 torch.set_num_threads(1)
 
 
 def quiet_env(**extra: str) -> dict:
+    """The environment of a test's subprocess: quiet, one thread, PYTHONSAFEPATH=1 (the repository root is
+    never on sys.path, see test_layout), and tests/ on PYTHONPATH for helper scripts run by path."""
     return dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu",
-                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONSAFEPATH="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])), **extra)
 
 
 def run_cmd(args: list[str], timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_distill import cache_codec as cc
-from dist_distill.cache import encode_shard
+from dist_distill.teacher.cache import codec as cc
+from dist_distill.teacher.cache.writer import encode_shard
 
 V_QWEN = 151936
 
@@ -212,7 +212,7 @@ def test_frequency_order_table_round_trips(vocab, n):
 
 def _cache_of(tmp_path, ids, z, lse, vocab, seq_len=64):
     """Write rows (all positions of samples of seq_len tokens) as a one-shard cache and open it."""
-    from dist_distill import cache as cm
+    from dist_distill.teacher.cache import reader, writer as cm
 
     n = len(ids) // seq_len
     mask = np.ones((n, seq_len), bool)
@@ -220,7 +220,7 @@ def _cache_of(tmp_path, ids, z, lse, vocab, seq_len=64):
     cm.write_shard(tmp_path, 0, 0, n, parts, stats)
     cm.finalize_cache(tmp_path, {"format": cm.FORMAT, "k": ids.shape[1], "seq_len": seq_len, "vocab_size": vocab,
                                  "num_samples": n, "samples_per_shard": n, "codec": {"mode": "kl"}})
-    return cm.TeacherCache(tmp_path), header
+    return reader.TeacherCache(tmp_path), header
 
 
 def test_frequency_ranks_shrink_ids_the_tokenizer_spreads(tmp_path):

@@ -8,13 +8,16 @@ import subprocess
 import pytest
 import torch
 
-from dist_distill import cache as cache_mod
-from dist_distill.cache import (TeacherCache, build_cache, finalize_cache, info_text, main as cache_main,
-                                shard_name, teacher_topk, verify_cache)
-from dist_distill.cache_codec import topk_kl
-from dist_distill.data import IGNORE_INDEX, load_tokenized
+from asserts import dense_teacher_topk
+from dist_distill.teacher.cache import writer as cache_mod
+from dist_distill.teacher.cache.reader import TeacherCache, info_text, verify_cache
+from dist_distill.teacher.cache.writer import build_cache, finalize_cache
+from dist_distill.cache import main as cache_main
+from dist_distill.teacher.cache.format import shard_name
+from dist_distill.teacher.cache.codec import topk_kl
+from dist_distill.data.records import IGNORE_INDEX, load_tokenized
 from dist_distill.errors import UserError
-from dist_distill.models import load_model, load_tokenizer
+from dist_distill.models.loading import load_model, load_tokenizer
 from dist_distill.recipe import DataSpec, ModelSpec, load_recipe
 
 from conftest import REPO, mount_tmpfs, torchrun, world_overrides
@@ -61,7 +64,7 @@ def direct_teacher(recipe, idx):
     tok = load_tokenizer(recipe.teacher, "teacher")
     data = load_tokenized(recipe.data.train, tok, recipe.data)
     model = load_model(recipe.teacher, "teacher").eval()
-    ids, z, lse = teacher_topk(model, data.input_ids[idx], data.attention_mask[idx], recipe.teacher_source.top_k, len(tok))
+    ids, z, lse = dense_teacher_topk(model, data.input_ids[idx], data.attention_mask[idx], recipe.teacher_source.top_k, len(tok))
     order = ids.argsort(dim=-1)
     return data.targets[idx] != IGNORE_INDEX, ids.gather(-1, order).long(), z.gather(-1, order), lse
 
@@ -238,7 +241,7 @@ def test_a_shard_locked_by_another_writer_is_skipped(tiny_world, tmp_path, capsy
     recipe = recipe_for(tiny_world, tmp_path)
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    fd = os.open(cache_mod._lock_file(cache_dir, 1), os.O_CREAT | os.O_RDWR)
+    fd = os.open(cache_mod.lock_path(cache_dir, 1), os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the "other writer"
     try:
         assert not finalize_cache(cache_dir, build_cache(recipe, samples_per_shard=100, progress=False))

@@ -8,19 +8,7 @@ import pytest
 import torch
 
 from dist_distill.errors import UserError
-from dist_distill.intermediate import (
-    ATTN_PROB_FLOOR,
-    ConvGateProjection,
-    attention_transfer_loss,
-    check_attention_support,
-    check_layer_map,
-    hidden_state_loss,
-    layer_attention,
-    layer_hidden,
-    make_projection,
-    projection_l2,
-    uniform_layer_map,
-)
+from dist_distill.objective.intermediate import (ATTN_PROB_FLOOR, ConvGateProjection, attention_transfer_loss, check_attention_support, check_layer_map, hidden_state_loss, layer_attention, layer_hidden, make_projection, projection_l2, uniform_layer_map)
 
 torch.set_num_threads(1)
 

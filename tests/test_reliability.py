@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, mount_tmpfs, quiet_env, run_cmd, torchrun, world_overrides
-from dist_distill.distributed import free_port
+from dist_distill.training.distributed import free_port
 
 pytestmark = pytest.mark.slow
 BASE = ["--set", "teacher_source.kind=colocated", "--set", "optim.warmup_steps=1", "--set", "optim.micro_batch_size=4",

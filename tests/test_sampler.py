@@ -2,8 +2,8 @@
 
 import torch
 
-from dist_distill.schedules import Stage
-from dist_distill.train import StepSampler
+from dist_distill.objective.schedules import Stage
+from dist_distill.data.sampler import StepSampler
 
 
 def global_step(n, mb, ga, world, seed, step, stages=None):

@@ -8,17 +8,7 @@ import pytest
 import torch
 
 from dist_distill.errors import UserError
-from dist_distill.schedules import (
-    TERMS,
-    Ramp,
-    Stage,
-    TermWeights,
-    check_stages,
-    interpolate,
-    progress,
-    stage_at,
-    stage_sample_limit,
-)
+from dist_distill.objective.schedules import (TERMS, Ramp, Stage, TermWeights, check_stages, interpolate, progress, stage_at, stage_sample_limit)
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import run_cmd, torchrun, world_overrides
-from dist_distill.distributed import free_port
+from dist_distill.training.distributed import free_port
 
 BASE = ["--set", "optim.max_steps=6", "--set", "optim.warmup_steps=1", "--set", "optim.micro_batch_size=4",
         "--set", "optim.grad_accum=2", "--set", "output.export=false", "--set", "teacher_source.top_k=8"]
@@ -27,8 +27,29 @@ def metrics(run):
 
 
 # ---- units -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nodes", [1, 2, 8])
+def test_bridge_address_comes_from_the_launcher_not_the_hostname(nodes, monkeypatch):
+    """Multi-node SLURM jobs: the address a role's rank 0 publishes is the interface that routes to
+    MASTER_ADDR, never gethostbyname(gethostname()) (127.0.1.1 on common images); one node: MASTER_ADDR."""
+    import socket
+
+    from dist_distill.teacher.group.roles import host_address
+
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    env = {"SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]", "MASTER_ADDR": "10.20.0.1",
+           "MASTER_PORT": "29500", "WORLD_SIZE": str(8 * nodes), "LOCAL_WORLD_SIZE": "8"}
+    routes = []
+    got = host_address(env, route=lambda master, port: routes.append((master, port)) or "10.20.0.7")
+    if nodes == 1:
+        assert got == "10.20.0.1" and routes == []
+    else:
+        assert got == "10.20.0.7" and routes == [("10.20.0.1", 29500)]
+    with pytest.raises(Exception, match="loopback address 127.0.1.1"):
+        host_address(dict(env, WORLD_SIZE="16"), route=lambda master, port: "127.0.1.1")
+
+
 def test_roles_split_and_serve_map():
-    from dist_distill.teacher_group import Roles
+    from dist_distill.teacher.group.roles import Roles
 
     roles = [Roles(r, 7, tp_size=2, num_groups=2) for r in range(7)]
     assert [x.is_teacher for x in roles] == [True] * 4 + [False] * 3
@@ -41,7 +62,7 @@ def test_roles_split_and_serve_map():
 
 
 def test_message_round_trip_keeps_ids_exact():
-    from dist_distill.teacher_group import pack, unpack
+    from dist_distill.teacher.group.protocol import pack, unpack
 
     ids = torch.tensor([[0, 151935, 7], [2**31 - 1, 1, 3]])
     logits, lse = torch.randn(2, 3), torch.randn(2)
@@ -69,7 +90,9 @@ class FakeBridge:
 
 
 def test_group_teacher_checks_the_samples_it_is_sent():
-    from dist_distill.teacher_group import GroupTeacher, Roles, TeacherGroupError, pack
+    from dist_distill.teacher.group.client import GroupTeacher
+    from dist_distill.teacher.group.roles import Roles, TeacherGroupError
+    from dist_distill.teacher.group.protocol import pack
 
     ids, logits, lse = torch.tensor([[3, 1], [0, 2]]), torch.randn(2, 2), torch.randn(2)
     targets = torch.tensor([[-100, 5, 6], [-100, -100, -100]])  # 2 target tokens
@@ -87,7 +110,7 @@ def test_group_teacher_checks_the_samples_it_is_sent():
 
 def test_vocab_parallel_topk_single_rank_ignores_padding():
     """One shard holds everything: padded columns (>= vocab) never enter the top-k or the lse."""
-    from dist_distill.teacher_group import vocab_parallel_topk
+    from dist_distill.teacher.scorer import vocab_parallel_topk
 
     logits = torch.randn(5, 12)
     logits[:, 10:] = 100.0  # padding columns with huge logits
@@ -103,7 +126,7 @@ def test_colocated_8bit_teacher(tiny_world):
     import bitsandbytes as bnb
 
     from dist_distill.recipe import ModelSpec
-    from dist_distill.teacher import load_colocated_teacher
+    from dist_distill.teacher.colocated import load_colocated_teacher
 
     spec = ModelSpec(name_or_path=str(tiny_world / "teacher_init"))
     full = load_colocated_teacher(spec, torch.device("cpu"))
@@ -126,11 +149,12 @@ def _tp_helper(world: str, out: str, bits: str = "none") -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dist_distill.cache import teacher_topk
-    from dist_distill.data import load_tokenized
-    from dist_distill.models import load_model, load_tokenizer
+    from asserts import dense_teacher_topk
+    from dist_distill.data.records import load_tokenized
+    from dist_distill.models.loading import load_model, load_tokenizer
     from dist_distill.recipe import DataSpec, ModelSpec
-    from dist_distill.teacher_group import load_teacher_shards, tp_teacher_topk
+    from dist_distill.teacher.tensor_parallel import load_teacher_shards
+    from dist_distill.teacher.scorer import TeacherScorer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -146,9 +170,9 @@ def _tp_helper(world: str, out: str, bits: str = "none") -> None:
     model, offset = load_teacher_shards(sharded, mesh, torch.device("cpu"), load_in_8bit=bits == "8bit")
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     k, vocab = 8, len(tok)
-    ids, vals, lse = tp_teacher_topk(model, offset, data.input_ids, data.attention_mask, data.targets, k, vocab,
-                                     mesh.get_group())
-    ref_ids, ref_vals, ref_lse = teacher_topk(reference, data.input_ids, data.attention_mask, k, vocab)
+    scorer = TeacherScorer(model, vocab, k, tp_group=mesh.get_group(), vocab_offset=offset)
+    ids, vals, lse = scorer.score(data.input_ids, data.attention_mask, data.targets)
+    ref_ids, ref_vals, ref_lse = dense_teacher_topk(reference, data.input_ids, data.attention_mask, k, vocab)
     mask = data.targets != -100
     if dist.get_rank() == 0:
         torch.save({"ids": ids, "vals": vals, "lse": lse, "ref_ids": ref_ids[mask].long(), "ref_vals": ref_vals[mask],

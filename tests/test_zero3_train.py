@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import module_cmd, run_cmd, torchrun, world_overrides
-from dist_distill.distributed import free_port
+from dist_distill.training.distributed import free_port
 
 pytestmark = pytest.mark.slow
 STEPS = ["--set", "optim.max_steps=30", "--set", "optim.warmup_steps=2", "--set", "optim.micro_batch_size=8"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .recipe import DataSpec
+from dist_distill.errors import UserError
+from dist_distill.recipe import DataSpec
 
 IGNORE_INDEX = -100
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}

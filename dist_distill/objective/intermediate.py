@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from dist_distill.errors import UserError
 
 PROJECTIONS = ("linear", "conv_gate", "identity")
 """Projection kinds accepted by :func:`make_projection`."""

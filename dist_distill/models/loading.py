@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .recipe import ModelSpec
+from dist_distill.errors import UserError
+from dist_distill.recipe import ModelSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -17,8 +17,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK (made current) with CUDA, else the CPU.
+
+    Call before anything is placed: DeepSpeed's init_distributed does not set the CUDA device,
+    so without it every rank of a node would allocate on cuda:0.
+    """
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def get_accelerator_device() -> str:
+    """This rank's device as a string: cuda:<current device> with CUDA, else cpu."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def mixed_backend() -> str:
+    """gloo for CPU tensors and NCCL for CUDA tensors in one group ("cpu:gloo,cuda:nccl", torch's
+    per-device backends) with CUDA, else gloo: CPU bookkeeping stays legal next to NCCL collectives."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
@@ -31,7 +57,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     if world == 1 or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     backend = backend or default_backend()
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()

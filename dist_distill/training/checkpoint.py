@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from dist_distill.errors import UserError
 
 COMMIT_MARKER = "COMMITTED"
 PREFIX = "step-"
@@ -191,3 +191,126 @@ def weights_only_loads(trust_pickles: bool = False):
         yield
     finally:
         torch.load = real_load
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine checkpoints: the save / resume protocol of a training run (called on every rank)
+# ---------------------------------------------------------------------------------------------
+
+def _any_rank(flag: bool, device: torch.device) -> int:
+    """How many ranks of the default group raised `flag` (the tensor lives on the group's device:
+    NCCL refuses CPU tensors)."""
+    count = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(count)
+    return int(count.item())
+
+
+def estimate_checkpoint_bytes(root: Path, parameters) -> int:
+    """Bytes the next save needs: the newest committed checkpoint's size, else 16 bytes per parameter
+    element (16-bit weights + fp32 master weights + two Adam moments); plus 10 %."""
+    previous = latest_committed(root)
+    if previous is not None:
+        needed = sum(f.stat().st_size for f in previous[1].rglob("*") if f.is_file())
+    else:
+        needed = 16 * sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
+    return int(needed * 1.1)
+
+
+def _intact(root: Path) -> str:
+    previous = latest_committed(root)
+    return f"the previous checkpoint {previous[1]} is intact" if previous else "no earlier checkpoint exists"
+
+
+def check_disk_space(root: Path, step: int, needed: int, device: torch.device) -> None:
+    """Refuse a save that cannot fit on any rank, before anything is written (a failure inside
+    DeepSpeed's save, between its internal barriers, can leave the ranks waiting on different
+    collectives)."""
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if _any_rank(free < needed, device):
+        raise UserError(f"not enough disk space for checkpoint {root / tag_for(step)}: it needs about "
+                        f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free on this rank's file system "
+                        f"(or on another rank's); nothing was written and {_intact(root)}. Free disk space (or raise "
+                        "the quota), lower output.keep_last, and resume with --resume")
+
+
+def save_checkpoint(engine, root: Path, step: int, rank: int, world: int, trainer_state: dict, recipe,
+                    keep_last: int, device: torch.device, on_written=None) -> Path:
+    """Write and commit ``root/step-<step>`` on every rank (the protocol in the module docstring).
+
+    A rank that cannot write (disk full, quota) makes every rank stop with an error naming the
+    failure; the partial directory is removed and earlier checkpoints are untouched.
+    `on_written(step)` runs after every file is fsynced and before the commit (a test seam).
+    """
+    directory = root / tag_for(step)
+    check_disk_space(root, step, estimate_checkpoint_bytes(root, engine.module.parameters()), device)
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag_for(step), client_state={"step": step})
+        write_atomic(directory / f"rng-rank{rank}.json", json.dumps(rng_state()))
+        if rank == 0:
+            write_atomic(directory / "trainer.json", json.dumps(trainer_state, indent=2))
+            recipe.save(directory / "recipe.yaml")
+        fsync_tree(directory)
+    except (OSError, RuntimeError) as err:
+        error = err
+    failed = _any_rank(error is not None, device)
+    if failed:
+        if rank == 0:
+            prune(root)
+        raise UserError(f"checkpoint {directory} could not be written on {failed} rank(s)"
+                        f"{f' (here: {error})' if error else ''}; it was removed and {_intact(root)}. "
+                        "Free disk space (or raise the quota) and resume with --resume")
+    if on_written is not None:
+        on_written(step)
+    if rank == 0:
+        commit(directory, {"step": step, "world_size": world})
+        prune(root, keep_last)
+    torch.distributed.barrier()
+    return directory
+
+
+def load_checkpoint(engine, root: Path, rank: int, device: torch.device, trust_pickles: bool = False) -> dict | None:
+    """Resume `engine` from the newest COMMITTED checkpoint under `root`, as ONE decision of all ranks.
+
+    Every rank loads its files; the ranks then agree (an all-reduce of failures): either all
+    continue from the same step -- the checkpoint's trainer.json is returned, with this rank's
+    RNG state restored -- or all stop with the same message naming the checkpoint and, on the
+    ranks where it failed, the file. Partial checkpoints (a crash during a save) are removed.
+    Returns None when there is nothing to resume from.
+    """
+    found = latest_committed(root)
+    torch.distributed.barrier()
+    if rank == 0:
+        prune(root)
+    if found is None:
+        return None
+    step, directory = found
+    error, state = None, None
+    try:
+        with weights_only_loads(trust_pickles):
+            _, client = engine.load_checkpoint(str(root), tag=directory.name)
+        if client is None:
+            raise UserError(f"DeepSpeed found no engine state in {directory}")
+        rng_file = directory / f"rng-rank{rank}.json"
+        if not rng_file.is_file():
+            raise UserError(f"{rng_file.name} is missing: the checkpoint was written by a run with another number "
+                            "of ranks; resume with the same world size")
+        state = json.loads((directory / "trainer.json").read_text())
+        set_rng_state(json.loads(rng_file.read_text()))
+    except (UserError, OSError, RuntimeError, ValueError, KeyError) as err:
+        error = err
+    failed = _any_rank(error is not None, device)
+    if failed:
+        here = f" Here (rank {rank}): {error}" if error is not None else f" This rank (rank {rank}) loaded its files."
+        raise UserError(f"could not resume from checkpoint {directory}: loading failed on {failed} rank(s), so no rank "
+                        f"continues.{here} Remove or repair that checkpoint (an older committed one is then used) "
+                        "or start without --resume")
+    return dict(state, step=step)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records of the JSON-lines file `path` past `step` (written after a checkpoint by a run that died)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_atomic(path, "".join(line + "\n" for line in keep))

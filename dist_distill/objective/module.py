@@ -18,11 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
-from .intermediate import (attention_transfer_loss, check_layer_map, hidden_state_loss, layer_attention, layer_hidden,
-                           make_projection, projection_l2, uniform_layer_map)
-from .recipe import IntermediateSpec, LossSpec
-from .teacher import TeacherSignal
+from dist_distill.data.records import IGNORE_INDEX
+from dist_distill.objective.intermediate import (attention_transfer_loss, check_layer_map, hidden_state_loss, layer_attention, layer_hidden, make_projection, projection_l2, uniform_layer_map)
+from dist_distill.recipe import IntermediateSpec, LossSpec
+from dist_distill.teacher.signal import TeacherSignal
 
 
 def install_loss_head(head: nn.Linear) -> None:
@@ -34,7 +33,7 @@ def install_loss_head(head: nn.Linear) -> None:
     def forward(self, hidden: torch.Tensor, loss_inputs: dict | None = None):
         if loss_inputs is None:
             return F.linear(hidden, self.weight, self.bias)
-        from .kernels import fused_linear_distill_loss
+        from dist_distill.kernels import fused_linear_distill_loss
 
         return fused_linear_distill_loss(hidden, self.weight, bias=self.bias, return_parts=True, **loss_inputs)
 
@@ -44,7 +43,7 @@ def install_loss_head(head: nn.Linear) -> None:
 def unfused_output_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherSignal | None, spec: LossSpec,
                         vocab_size: int) -> tuple[torch.Tensor, dict]:
     """Reference path with materialised logits [n, V]: (loss sum, {"div": sum, "ce": sum})."""
-    from .losses import divergence, topk_divergence
+    from dist_distill.losses import divergence, topk_divergence
 
     student = logits[:, :vocab_size].float()
     ce = F.cross_entropy(student, labels, reduction="sum")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Sequence
 
-from .errors import UserError
+from dist_distill.errors import UserError
 
 SHAPES = ("constant", "linear", "cosine")
 """Interpolation shapes accepted by :func:`interpolate`."""

@@ -1,0 +1,1 @@
+"""Evaluating models: metrics on held-out data (metrics) and the comparison table (report)."""

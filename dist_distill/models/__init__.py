@@ -1,0 +1,1 @@
+"""Models: loading through from_pretrained with fingerprints (loading), and export as HF safetensors (export)."""

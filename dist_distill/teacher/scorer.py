@@ -1,0 +1,115 @@
+"""The teacher scorer: one way to run a teacher and turn its logits into the signal the student reads.
+
+Both the offline cache builder (``dd-cache build``) and the online teacher group call
+:meth:`TeacherScorer.score`: given a token batch and its target positions it runs the
+teacher's decoder once, keeps the final hidden states of the target tokens only, and runs
+the lm_head over them **chunk by chunk** and **vocab-parallel**. For each chunk of rows it
+takes the top-k and the logsumexp over the real vocabulary and drops the logits, so at most
+``[chunk rows, V / tp]`` logits exist at any time (``chunk_bytes``, 256 MiB by default) --
+never ``[B, L, V]``. At B=32, L=4096, V=152064 the old whole-batch path held ~120 GB of
+bf16 + fp32 logits; here it is one 256 MiB chunk per rank whatever B and L.
+
+The teacher may be:
+
+- whole on this device (``tp_group=None``), in its own dtype or bitsandbytes 8/4-bit (the
+  lm_head stays in the teacher's dtype, as transformers keeps it);
+- tensor-parallel over ``tp_group`` (:mod:`dist_distill.teacher.tensor_parallel`: the lm_head
+  column-parallel, each rank holding vocabulary columns ``[vocab_offset, vocab_offset + V/tp)``).
+  Every rank of the group calls ``score`` with the same batch; each returns the same result.
+
+Precision: logits are promoted to at least float32 before the top-k and logsumexp (a float64
+teacher keeps float64 until the result is rounded to float32 once, which makes a TP result
+bit-identical to a single-process one for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dist_distill.data.records import IGNORE_INDEX
+
+LOGITS_CHUNK_BYTES = 256 << 20
+"""Budget of one logits chunk on a rank: [rows, V / tp] at the compute precision."""
+
+
+def vocab_parallel_topk(local_logits: torch.Tensor, offset: int, vocab_size: int, k: int, group):
+    """Top-k and logsumexp over the real vocabulary [0, vocab_size) from vocabulary slices.
+
+    local_logits [n, V_local] hold columns [offset, offset + V_local) of the full logits. Each
+    rank takes its local top-k (ids shifted by its offset) and local logsumexp; an all_gather of
+    those [n, k] / [n] pieces and one more top-k / logsumexp give the exact result without ever
+    gathering [n, V] logits (group None: one rank holds the whole vocabulary). Padded columns
+    (id >= vocab_size) are cut off before anything is computed (a slice of padding only gives an
+    lse of -inf). Every rank of `group` must pass the same n (all_gather needs equal shapes: a
+    slice with fewer than k real columns is padded with -inf). All tensors stay on the logits'
+    device (a CUDA tensor for NCCL groups).
+    Returns ids int64 [n, k], logits [n, k] and lse [n] at the compute precision (float32, or
+    float64 for a float64 teacher), the same on every rank.
+    """
+    real = max(0, min(local_logits.shape[1], vocab_size - offset))
+    logits = local_logits[:, :real].to(torch.promote_types(local_logits.dtype, torch.float32))
+    ids = torch.arange(offset, offset + real, device=logits.device)
+    if real < k:
+        logits = torch.cat([logits, logits.new_full((logits.shape[0], k - logits.shape[1]), float("-inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((k - ids.shape[0],), vocab_size)])
+    values, local_ids = logits.topk(k, dim=-1)
+    local_ids = ids[local_ids]
+    lse = torch.logsumexp(logits, dim=-1)
+    world = dist.get_world_size(group) if group is not None else 1
+    if world == 1:
+        return local_ids, values, lse
+    all_values = [torch.empty_like(values) for _ in range(world)]
+    all_ids = [torch.empty_like(local_ids) for _ in range(world)]
+    all_lse = [torch.empty_like(lse) for _ in range(world)]
+    dist.all_gather(all_values, values.contiguous(), group=group)
+    dist.all_gather(all_ids, local_ids.contiguous(), group=group)
+    dist.all_gather(all_lse, lse, group=group)
+    merged, pick = torch.cat(all_values, 1).topk(k, dim=-1)
+    return torch.cat(all_ids, 1).gather(1, pick), merged, torch.logsumexp(torch.stack(all_lse), dim=0)
+
+
+class TeacherScorer:
+    """Runs a frozen teacher over token batches; per target token: top-k ids, raw logits, logsumexp.
+
+    model: a Hugging Face causal LM in eval mode (whole, quantised, or TP-sharded over `tp_group`);
+    vocab_size: the real (tokenizer) vocabulary, columns past it are padding and ignored;
+    k: logits kept per token; vocab_offset: first vocabulary id of this rank's lm_head slice
+    (0 without TP); chunk_bytes: budget of one logits chunk (see the module docstring).
+    """
+
+    def __init__(self, model, vocab_size: int, k: int, *, tp_group=None, vocab_offset: int = 0,
+                 chunk_bytes: int = LOGITS_CHUNK_BYTES):
+        self.model, self.vocab_size, self.k = model, vocab_size, k
+        self.tp_group, self.vocab_offset, self.chunk_bytes = tp_group, vocab_offset, chunk_bytes
+        self.head = model.get_output_embeddings()
+        weight = self.head.weight
+        self.local_vocab = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device if not hasattr(self.head.weight, "to_local") else \
+            self.head.weight.to_local().device
+
+    def chunk_rows(self) -> int:
+        """Rows per lm_head chunk: chunk_bytes / (bytes of one row of local logits at fp32)."""
+        return max(1, self.chunk_bytes // (4 * max(self.local_vocab, 1)))
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor):
+        """Teacher signal at the target tokens (``targets != IGNORE_INDEX``, row-major) of a batch.
+
+        input_ids, attention_mask, targets: int64 [B, L] (any device; moved to the teacher's).
+        Returns ids int64 [n, k], logits float32 [n, k] (raw, T=1), lse float32 [n] -- n target
+        tokens -- on the teacher's device. ``logits - lse`` are full-vocabulary log-probabilities.
+        """
+        device = self.device
+        hidden = self.model.get_decoder()(input_ids=input_ids.to(device),
+                                          attention_mask=attention_mask.to(device)).last_hidden_state
+        hidden = hidden[targets.to(device) != IGNORE_INDEX]
+        rows = self.chunk_rows()
+        parts = [vocab_parallel_topk(self.head(hidden[i:i + rows]), self.vocab_offset, self.vocab_size, self.k,
+                                     self.tp_group)
+                 for i in range(0, max(hidden.shape[0], 1), rows)]
+        ids, logits, lse = (torch.cat([p[j] for p in parts]) for j in range(3))
+        return ids, logits.float(), lse.float()

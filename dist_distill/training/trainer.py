@@ -1,0 +1,282 @@
+"""The life cycle of one training run, top to bottom:
+
+    setup -> [load_checkpoint] -> train (train_step ... , save_checkpoint every save_every) ->
+    save_checkpoint -> export -> cleanup
+
+The trainer orchestrates; the pieces live elsewhere: the loss in dist_distill.objective, the
+teacher signal in dist_distill.teacher, the sample order in dist_distill.data.sampler, the
+checkpoint protocol in training.checkpoint, metrics files in training.metrics_log and the
+fault-injection seam in training.faults (one object, ``self.faults``, asked at fixed points).
+
+Outputs under ``output.dir``: recipe.yaml (the resolved recipe), metrics.jsonl, tensorboard/,
+checkpoints/step-N/ (DeepSpeed + ours), model/ (HF safetensors), partition-rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_distill.errors import UserError
+from dist_distill.recipe import Recipe
+from dist_distill.training import checkpoint
+from dist_distill.training.faults import FaultPlan
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the engine, data, teacher signal and outputs of one training run."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.out = Path(recipe.output.dir)
+        self.step = 0
+        self.skips = None
+        self.log = None
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Process group, this rank's device, data, teacher source, the DeepSpeed engine, logs."""
+        import deepspeed
+
+        from dist_distill.data.records import load_tokenized
+        from dist_distill.data.sampler import StepSampler
+        from dist_distill.models.loading import load_tokenizer
+        from dist_distill.teacher.sources import build_teacher_source
+        from dist_distill.training.distributed import default_backend, local_device
+        from dist_distill.training.nonfinite import SkipGuard
+
+        r = self.recipe
+        self.device = local_device()  # before anything is placed (DeepSpeed's init does not set it)
+        backend = default_backend() if r.deepspeed.dist_backend == "auto" else r.deepspeed.dist_backend
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=r.deepspeed.startup_timeout_s))
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.faults = FaultPlan.from_env(self.rank)
+        seed_everything(r.seed + self.rank)
+        self.tokenizer = load_tokenizer(r.student, "student")
+        self.data = load_tokenized(r.data.train, self.tokenizer, r.data, r.data.max_samples)
+        self.teacher = build_teacher_source(r, self.tokenizer, self.data, self.device, lambda: self.step)
+        self.engine = self._build_engine()
+        self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
+                                   self.rank, r.seed, r.stages)
+        self.skips = SkipGuard(self.engine, r.optim.max_consecutive_skips, self.rank)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_partition_report()
+        if self.rank == 0:
+            from dist_distill.training.metrics_log import MetricsLog
+
+            r.save(self.out / "recipe.yaml")
+            self.log = MetricsLog(self.out, r.output.log_every, r.optim.max_steps)
+
+    def _build_engine(self):
+        """The student inside a DistillationModule under DeepSpeed; with ZeRO-3 it is built inside
+        zero.Init (transformers does so while an HfDeepSpeedConfig is alive), never whole on a rank."""
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from dist_distill.models.loading import load_model
+        from dist_distill.objective.module import DistillationModule
+        from dist_distill.teacher.colocated import ColocatedTeacher
+        from dist_distill.training.deepspeed_config import deepspeed_config
+
+        r = self.recipe
+        self.ds_config = deepspeed_config(r, self.world)
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay alive: from_pretrained then uses zero.Init
+        model = load_model(r.student, "student")
+        vocab = len(self.tokenizer)
+        if model.config.vocab_size < vocab:
+            raise UserError(f"student vocab_size={model.config.vocab_size} is smaller than its tokenizer's {vocab}")
+        teacher_config = self.teacher.model.config if isinstance(self.teacher, ColocatedTeacher) else None
+        module = DistillationModule(model, r.loss, vocab, r.intermediate, teacher_config,
+                                    uses_hidden=r.uses_term("hidden"), uses_attention=r.uses_term("attention"))
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=self.ds_config,
+                                          lr_scheduler=self._scheduler)
+        if r.deepspeed.zero_stage == 3:
+            engine.module.register_external_parameters()
+        return engine
+
+    def _scheduler(self, optimizer):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        op = self.recipe.optim
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, op.warmup_steps, op.max_steps,
+                                                           min_lr_rate=op.min_lr_ratio)
+
+    def _write_partition_report(self) -> None:
+        """output.dir/partition-rank<r>.json: parameter elements this rank holds vs the model's total.
+
+        Under ZeRO-3 a parameter's `ds_tensor` is the rank's partition and `ds_numel` its full size.
+        """
+        params = list(self.engine.module.parameters())
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        report = {"rank": self.rank, "world_size": self.world, "zero_stage": self.recipe.deepspeed.zero_stage,
+                  "local_elements": local, "total_elements": total, "num_parameters": len(params)}
+        (self.out / f"partition-rank{self.rank}.json").write_text(json.dumps(report) + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        """What the trainer needs besides the engine to continue exactly: the step (the data, cache
+        and stage positions are pure functions of it) and the skip counters."""
+        op = self.recipe.optim
+        return {"step": self.step, **self.skips.state(),
+                "samples_seen": self.step * self.world * op.grad_accum * op.micro_batch_size}
+
+    def save_checkpoint(self) -> None:
+        """Write and commit checkpoints/step-<step> on every rank (training.checkpoint.save_checkpoint)."""
+        checkpoint.save_checkpoint(self.engine, self.out / "checkpoints", self.step, self.rank, self.world,
+                                   self.trainer_state(), self.recipe, self.recipe.output.keep_last, self.device,
+                                   on_written=self.faults.in_save)
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the newest committed checkpoint (one decision of all ranks); True when resumed."""
+        state = checkpoint.load_checkpoint(self.engine, self.out / "checkpoints", self.rank, self.device,
+                                           self.recipe.deepspeed.load_pickled_checkpoints)
+        if state is None:
+            return False
+        self.step = state["step"]
+        self.skips.restore(state)
+        if self.log is not None:
+            self.log.truncate(self.step)
+        return True
+
+    # ---- training ----------------------------------------------------------------------------
+    def step_settings(self, step_tokens: float):
+        """Term weights and temperature at the current step (pure functions of the step: resumable)."""
+        from dist_distill.objective.module import StepSettings
+        from dist_distill.objective.schedules import Ramp, stage_at
+
+        r, step = self.recipe, self.step
+        weights = stage_at(step, r.stages)[1].weights() if r.stages else r.weights.weights_at(step, r.optim.max_steps)
+        temperature = Ramp(r.loss.temperature, r.loss.temperature_end, r.loss.temperature_shape).at(step, r.optim.max_steps)
+        return StepSettings(weights=weights, temperature=temperature,
+                            l2_scale=step_tokens / (self.world * r.optim.grad_accum))
+
+    def _micro_batch(self, indices: torch.Tensor) -> dict:
+        d = self.data
+        return {"input_ids": d.input_ids[indices].to(self.device),
+                "attention_mask": d.attention_mask[indices].to(self.device),
+                "targets": d.targets[indices].to(self.device)}
+
+    def _step_counts(self, micro: list[torch.Tensor]) -> torch.Tensor:
+        """float64 [2] on the device: target tokens and real tokens of this step over all ranks."""
+        d = self.data
+        counts = torch.tensor([sum(int((d.targets[i] != -100).sum()) for i in micro),
+                               sum(int(d.attention_mask[i].sum()) for i in micro)], dtype=torch.float64,
+                              device=self.device)
+        torch.distributed.all_reduce(counts)
+        return counts
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
+        micro = self.sampler.step_indices(self.step)
+        counts = self._step_counts(micro)
+        n_targets = max(counts[0].item(), 1.0)
+        settings = self.step_settings(n_targets)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        self.faults.at_step_start(self.step + 1)
+        bad = torch.zeros(1, device=self.device)
+        for m, indices in enumerate(micro):
+            batch = self._micro_batch(indices)
+            teacher = self.teacher.signal(indices, batch) if self.teacher is not None else None
+            loss_sum, parts = self.engine(**batch, teacher=teacher, step=settings)
+            loss_sum = self.faults.poison_loss(self.step + 1, loss_sum)
+            bad += (~torch.isfinite(loss_sum.detach())).float()
+            if m == len(micro) - 1:
+                # one rank's non-finite loss must skip the step on all: poison every rank's last
+                # micro-batch so the engine's global gradient norm is non-finite and its step is skipped
+                torch.distributed.all_reduce(bad)
+                if bad.item() > 0:
+                    loss_sum = loss_sum * float("nan")
+            # ZeRO averages gradients over ranks; scaling by world / N makes the step's gradient
+            # d(sum over all target tokens of all ranks and micro-batches)/d(theta) / N.
+            self.engine.backward(loss_sum * (self.world / n_targets), scale_wrt_gas=False)
+            self.engine.step()
+            sums += torch.stack([loss_sum.detach()] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
+        torch.distributed.all_reduce(sums)
+        skipped = self.skips.account(bad.item() > 0, self.step + 1)
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        mean = (sums / n_targets).tolist()
+        return {"step": self.step, "loss": mean[0], "divergence": mean[1], "ce": mean[2], "hidden": mean[3],
+                "attention": mean[4], "lr": self.engine.get_lr()[0], "temperature": settings.temperature,
+                **{f"weight_{k}": v for k, v in settings.weights.items()},
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item()),
+                "skipped": skipped, "skipped_total": self.skips.total}
+
+    def train(self) -> None:
+        """Steps until optim.max_steps, a checkpoint every output.save_every steps and one at the end."""
+        from tqdm import tqdm
+
+        r = self.recipe
+        bar = tqdm(total=r.optim.max_steps, initial=self.step, desc="train", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        started, tokens, steps_here = time.time(), 0, 0
+        while self.step < r.optim.max_steps:
+            record = self.train_step()
+            steps_here += 1
+            tokens += record["tokens"]
+            record["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
+            if steps_here == 1:  # the first step of this process, resumed or not
+                self._tighten_timeout()
+            if self.log is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                self.log.write(record)
+            if r.output.save_every and self.step % r.output.save_every == 0 and self.step < r.optim.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+
+    def _tighten_timeout(self) -> None:
+        """After the first step, collectives get deepspeed.timeout_s instead of the start-up timeout."""
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=self.recipe.deepspeed.timeout_s))
+
+    # ---- export and cleanup ------------------------------------------------------------------
+    def export(self) -> Path:
+        """Gather the ZeRO-3 partitions and write the student as an HF directory (safetensors) at output.dir/model."""
+        from dist_distill.models.export import quantize_8bit, student_state, write_hf_model
+
+        state = self.engine._zero3_consolidated_16bit_state_dict() if self.recipe.deepspeed.zero_stage == 3 \
+            else self.engine.module.state_dict()
+        target = self.out / "model"
+        if self.rank == 0:
+            write_hf_model(self.engine.module.student, student_state(state), self.tokenizer, target, self.recipe)
+            if self.recipe.output.export_8bit:
+                report = quantize_8bit(target, self.out / "model-8bit")
+                print(f"8-bit student exported to {self.out / 'model-8bit'}: "
+                      f"{report['footprint_ratio']:.1%} of the full-precision memory")
+        torch.distributed.barrier()
+        return target
+
+    def cleanup(self) -> None:
+        """Close the logs; then every rank leaves the process group together (a group torn down by
+        interpreter exit while a peer is already gone can abort the process from gloo's threads)."""
+        if self.log is not None:
+            self.log.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def is_communication_failure(err: RuntimeError) -> bool:
+    """A collective failed because a peer died, hung or closed its connection (gloo raises plain RuntimeError)."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return any(s in text for s in ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
+                                   "NCCL", "Timed out waiting", "ProcessGroup", "Broken pipe"))
