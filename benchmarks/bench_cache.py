@@ -22,7 +22,13 @@ tensors). Bytes per token count the whole shard file. Times are CPU seconds of t
 process (``time.process_time``; medians of --reps reads), which other jobs on a shared
 machine disturb less than wall-clock time.
 
+With --encode-speed it times only the row encoder instead (`codec.encode_rows`, the native C
+encoder and the numpy reference side by side on the same rows, CPU seconds of the encoding
+thread, medians of --reps) and checks that both produce the same bytes (headers, id widths,
+streams, row lengths, stored values and the KL / error stats).
+
     .venv/bin/python benchmarks/bench_cache.py                      # synthetic, k=64 and 128
+    .venv/bin/python benchmarks/bench_cache.py --encode-speed --tokens 32768 --reps 3 --ids uniform
     .venv/bin/python benchmarks/bench_cache.py --teacher runs/quickstart/teacher/model
     .venv/bin/python benchmarks/bench_cache.py --ids "" --ngram-corpus a.txt,b.txt   # real-text bigram teacher
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -40,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_distill.teacher.cache import codec
 from dist_distill.teacher.cache import reader as cache_reader
 from dist_distill.teacher.cache import writer as cache_mod
 from dist_distill.teacher.cache.codec import topk_kl
@@ -68,7 +76,11 @@ def parse_args() -> argparse.Namespace:
                     help="comma-separated text files: also measure a bigram teacher of this real text over a BPE "
                          "vocabulary trained on it (up to --vocab tokens; benchmarks/ngram_teacher.py)")
     ap.add_argument("--decoder", choices=["auto", "numpy"], default="auto",
-                    help="numpy: read with the numpy decoder even where the C decoder is built (default auto)")
+                    help="numpy: read with the numpy decoder even where the C decoder is built (and write with "
+                         "the numpy encoder: the write column) (default auto)")
+    ap.add_argument("--encode-speed", action="store_true",
+                    help="only time codec.encode_rows, native C encoder vs numpy reference, per k, id model and mode, "
+                         "and check that they agree bit for bit")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return ap.parse_args()
 
@@ -174,6 +186,61 @@ def bench_rows(ids, z, lse, vocab, label, mode, args, rng, tmp: Path) -> dict:
             "dense_ratio": 2 * vocab * rows / size, "raw_ratio": (k * 6 + 4) * rows / size}
 
 
+def same_encoding(a: dict, b: dict) -> bool:
+    """Whether two encode_rows results are equal bit for bit (every array's dtype, shape and bytes; stats included)."""
+    if list(a) != list(b):
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, str):
+            if x != y:
+                return False
+        elif isinstance(x, dict):
+            if list(x) != list(y) or any(x[s].dtype != y[s].dtype or x[s].tobytes() != y[s].tobytes() for s in x):
+                return False
+        elif x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            return False
+    return True
+
+
+def bench_encode(args, rng) -> None:
+    """Encode speed of codec.encode_rows, native C encoder and numpy reference alternating on the same rows."""
+    native_built = codec._codec_native is not None and hasattr(codec._codec_native, "encode")
+    print(f"encode_rows: V={args.vocab} rows/config={args.tokens} reps={args.reps} max_kl={args.max_kl} "
+          f"a=[{args.a_min},{args.a_max}] numpy={np.__version__}; rows/s = rows / CPU seconds of the encoding thread "
+          f"(time.thread_time, median); native C encoder {'built' if native_built else 'NOT built'}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("| k | ids | mode | numpy rows/s | native rows/s | speed-up | native, fastest rep | native == numpy (bit for bit) |")
+    print("|---|---|---|---|---|---|---|---|")
+    checked, mismatched = 0, []
+    for k in (int(x) for x in args.ks.split(",")):
+        for ids_model in filter(None, args.ids.split(",")):
+            z, lse = synthetic_values(args.tokens, k, args.vocab, args.a_min, args.a_max, rng)
+            ids = synthetic_ids(args.tokens, k, args.vocab, ids_model, rng)
+            for mode in args.modes.split(","):
+                times = {False: [], True: []}
+                out = {}
+                for _ in range(args.reps):
+                    for native in ((False, True) if native_built else (False,)):
+                        t = time.thread_time()
+                        out[native] = codec.encode_rows(ids, z, lse, args.vocab, mode, args.max_kl, native=native)
+                        times[native].append(time.thread_time() - t)
+                speed = {nat: args.tokens / statistics.median(ts) for nat, ts in times.items() if ts}
+                equal = same_encoding(out[False], out[True]) if native_built else None
+                if native_built:
+                    checked += 1
+                    if not equal:
+                        mismatched.append(f"k={k} ids={ids_model} mode={mode}")
+                best = args.tokens / min(times[True]) if native_built else 0.0
+                print(f"| {k} | {ids_model} | {mode} | {speed[False]:,.0f} | "
+                      + (f"{speed[True]:,.0f} | {speed[True] / speed[False]:.1f}x | {best:,.0f} | "
+                         f"{'yes' if equal else 'NO'} |" if native_built else "- | - | - | - |"), flush=True)
+    if native_built:
+        print(f"bit-equality, native vs numpy encoder: {checked - len(mismatched)} of {checked} configurations equal"
+              + (f"; DIFFERENT: {', '.join(mismatched)}" if mismatched else "")
+              + f" (load average at the end {os.getloadavg()[0]:.1f})")
+
+
 def bench_teacher(args, tmp: Path) -> list[dict]:
     """Build caches of the tiny world's training data with a real teacher (lossless and kl), report size and error."""
     from dist_distill.recipe import load_recipe
@@ -200,6 +267,9 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
+    if args.encode_speed:
+        bench_encode(args, rng)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     if args.decoder == "numpy":
         cache_mod.codec._codec_native = None

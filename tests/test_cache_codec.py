@@ -255,3 +255,207 @@ def test_uniform_ids_keep_raw_coding(tmp_path):
     assert header["id_space"] == V_QWEN and "id_order_blocks" not in header["sections"]
     got_ids = cache.rows(np.arange(2))[0]
     assert np.array_equal(got_ids, np.sort(ids, axis=1))
+
+
+# ---- the native (C) encoder: equal to the numpy reference encoder bit for bit ------------------------
+def hard_rows(rng, n, k, vocab):
+    """Rows that stress the encoder: Zipf-shaped, Gaussian, all-equal, very peaked, very flat, many ties,
+    -inf entries, logits ~1e4 in magnitude, lse above and below the top logit; ids of every gap width."""
+    ids = np.empty((n, k), np.int64)
+    z = np.empty((n, k), np.float32)
+    lse = np.empty(n, np.float32)
+    for i in range(n):
+        kind_ids = rng.integers(0, 5)
+        if kind_ids == 0:
+            ids[i] = np.arange(vocab - k, vocab)[rng.permutation(k)]  # the largest ids, consecutive
+        elif kind_ids == 1:
+            ids[i] = np.arange(k)[rng.permutation(k)]  # id 0, consecutive
+        else:
+            ids[i] = rng.choice(vocab, k, replace=False)
+        t = rng.integers(0, 11)
+        if t == 0:  # Zipf-shaped top-k, descending (as a teacher's top-k comes)
+            a = rng.uniform(0.5, 3.0)
+            row = -a * np.log(np.arange(1, k + 1)) + 0.5 * rng.standard_normal(k)
+        elif t == 1:
+            row = rng.standard_normal(k) * rng.uniform(0.1, 5.0)
+        elif t == 2:  # all equal
+            row = np.full(k, rng.standard_normal() * 3)
+        elif t == 3:  # one dominant token
+            row = rng.standard_normal(k)
+            row[rng.integers(k)] += rng.uniform(20, 60)
+        elif t == 4:  # very flat
+            row = 1e-4 * rng.standard_normal(k)
+        elif t == 5:  # many ties
+            row = np.rint(rng.standard_normal(k) * 2) / 2
+        elif t == 6:  # masked tokens (-inf), never the whole row
+            row = rng.standard_normal(k) * 2
+            row[rng.random(k) < 0.4] = -np.inf
+            row[rng.integers(k)] = 1.0
+        elif t == 7:  # logits ~1e4
+            row = rng.choice([-1e4, 1e4]) + rng.standard_normal(k) * rng.uniform(0.1, 10)
+        elif t == 8:  # a few distinct values, one of them -inf
+            row = rng.choice([0.0, -1.5, -np.inf, -200.0], k)
+            row[0] = 0.0
+        elif t == 9:  # a wide spread (beyond FLOOR)
+            row = -np.sort(rng.uniform(0, 300, k))
+        else:  # a grid of 1/8: at b=4 the step is 1/4 and r / D hits exact halves (rint's ties)
+            row = -0.125 * rng.integers(0, 31, k)
+            row[0], row[-1] = 0.0, -3.75
+        z[i] = row.astype(np.float32)
+        fin = z[i][np.isfinite(z[i])].astype(np.float64)
+        top = fin.max()
+        lse[i] = top + np.log(np.exp(fin - top).sum()) + rng.choice([0.0, rng.uniform(0, 8), -rng.uniform(0, 2)])
+        if t == 10:
+            lse[i] = np.ceil(lse[i] * 8) / 8  # z - lse stays on the grid
+    return ids, z, lse
+
+
+def encoder_cases():
+    """(name, ids, z, lse, vocab, mode, max_kl) over k, vocabulary sizes, modes and KL bounds."""
+    rng = np.random.default_rng(1234)
+    out = []
+    for vocab in (15, 1000, V_QWEN):
+        for k in (1, 5, 8, 16, 64, 128):
+            if k > vocab:
+                continue
+            for mode, max_kl in [("kl", 1e-2), ("kl", 1e-3), ("kl", 1e-4), ("lossless", 1e-3)]:
+                n = int(rng.choice([0, 1, 3, 40, 90]))
+                ids, z, lse = hard_rows(rng, n, k, vocab)
+                if n and rng.random() < 0.5:
+                    ids = ids.astype(np.int32)
+                if mode == "lossless" and n and rng.random() < 0.5:  # a bf16 teacher
+                    z = torch.from_numpy(z).bfloat16().float().numpy()
+                out.append((f"V{vocab}-k{k}-{mode}-{max_kl:g}-n{n}", ids, z, lse, vocab, mode, max_kl))
+    ids, z, lse = hard_rows(rng, 30, 16, 500)
+    out.append(("fallback-1e-12", ids, z, lse, 500, "kl", 1e-12))  # no estimate meets the bound: b=8, e=12
+    ids, z, lse = hard_rows(rng, 20, 24, 3000)
+    z[3, 5], z[4, 0], z[5, 2] = np.nan, np.inf, -np.inf  # lossless stores anything, bit for bit
+    out.append(("lossless-nonfinite", ids, z, lse, 3000, "lossless", 1e-3))
+    ids, z, lse = hard_rows(rng, 12, 256, V_QWEN)  # k > 128: pairwise sums recurse
+    out.append(("k256", ids, z, lse, V_QWEN, "kl", 1e-3))
+    return out
+
+
+ENCODER_CASES = encoder_cases()
+
+
+def assert_same_encoding(ref, got):
+    """Every output of encode_rows equal: same keys in the same order, dtypes, shapes and bytes (stats included)."""
+    assert list(ref) == list(got)
+    for key, a in ref.items():
+        b = got[key]
+        if isinstance(a, str):
+            assert a == b, key
+        elif isinstance(a, dict):
+            assert list(a) == list(b)
+            for name in a:
+                assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, (key, name)
+                bad = np.flatnonzero(a[name].view(np.uint64) != b[name].view(np.uint64))
+                assert not len(bad), f"stats {name} differ in rows {bad[:8]}: {a[name][bad[:3]]} vs {b[name][bad[:3]]}"
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape, (key, a.dtype, b.dtype, a.shape, b.shape)
+            assert a.tobytes() == b.tobytes(), key
+
+
+def test_native_encoder_is_built():
+    """setup.py builds the C encoder with the decoder; without it the numpy encoder runs, ~10x slower in mode kl
+    (DD_ALLOW_NO_NATIVE=1 accepts that here)."""
+    import os
+
+    if os.environ.get("DD_ALLOW_NO_NATIVE") != "1":
+        assert cc._codec_native is not None and hasattr(cc._codec_native, "encode"), \
+            "the C cache encoder was not built: pip install -e . with a C compiler"
+
+
+needs_native_encoder = pytest.mark.skipif(cc._codec_native is None or not hasattr(cc._codec_native, "encode"),
+                                          reason="dist_distill.teacher.cache._codec_native.encode is not built")
+
+
+@needs_native_encoder
+@pytest.mark.parametrize("case", range(len(ENCODER_CASES)), ids=[c[0] for c in ENCODER_CASES])
+def test_native_encoder_equals_numpy(case):
+    """Bit for bit: headers, id widths, both streams, row lengths, stored values and the KL / error stats;
+    and what both decoders make of the rows."""
+    name, ids, z, lse, vocab, mode, max_kl = ENCODER_CASES[case]
+    ref = cc.encode_rows(ids, z, lse, vocab, mode, max_kl, native=False)
+    got = cc.encode_rows(ids, z, lse, vocab, mode, max_kl, native=True)
+    assert_same_encoding(ref, got)
+    n, k = ids.shape
+    decoded = []
+    for enc in (ref, got):
+        if n:
+            sa, off_a, sb, off_b0, seg = _segmented_args(enc, n, 3)
+        else:  # (_segmented_args assumes rows)
+            (sa, sb), off_a, off_b0, seg = streams(enc), *(np.zeros(0, np.int64) for _ in range(3))
+        args = (k, vocab, mode, enc["value_dtype"], enc["header"], enc["widths"], sa, off_a, enc.get("values"), sb,
+                off_b0, seg)
+        decoded += [cc.decode_rows(*args, native=False), cc.decode_rows(*args, native=cc._codec_native is not None)]
+    for out in decoded[1:]:
+        for a, b in zip(decoded[0], out):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert np.array_equal(decoded[0][0], np.sort(ids, axis=1))
+
+
+@needs_native_encoder
+def test_native_encoder_equals_numpy_on_teacher_rows():
+    """Zipf-shaped teacher rows at the Qwen vocabulary (what benchmarks/bench_cache.py times), k = 64 and 128."""
+    for k, max_kl in [(64, 1e-3), (128, 1e-4)]:
+        ids, z, lse = teacher_rows(150, k, V_QWEN, seed=k)
+        for mode in ("kl", "lossless"):
+            assert_same_encoding(cc.encode_rows(ids, z, lse, V_QWEN, mode, max_kl, native=False),
+                                 cc.encode_rows(ids, z, lse, V_QWEN, mode, max_kl, native=True))
+
+
+@needs_native_encoder
+@pytest.mark.bad_inputs(5)
+def test_native_encoder_refuses_what_numpy_refuses():
+    """Same errors, same messages, same precedence (ids of all rows first, then the values)."""
+    rng = np.random.default_rng(5)
+    ids, z, lse = hard_rows(rng, 6, 8, 1000)
+    z[:, 0] = 1.0  # every row finite
+    out_of_range, dup = ids.copy(), ids.copy()
+    out_of_range[4, 2] = 1000
+    out_of_range[1, 3] = out_of_range[1, 4]  # a duplicate in an earlier row: the range error still comes first
+    dup[2, 1] = dup[2, 5]
+    z_nan, z_masked, lse_inf = z.copy(), z.copy(), lse.copy()
+    z_nan[0, 3] = np.nan  # a NaN in an earlier row than the duplicate: the duplicate still comes first
+    z_masked[3] = -np.inf
+    lse_inf[5] = np.inf
+    cases = [(out_of_range, z, lse, "ids outside"), (dup, z_nan, lse, "duplicate ids"), (ids, z_nan, lse, "non-finite"),
+             (ids, z_masked, lse, "non-finite"), (ids, z, lse_inf, "non-finite")]
+    for bad_ids, bad_z, bad_lse, message in cases:
+        errors = []
+        for native in (False, True):
+            with pytest.raises(ValueError, match=message) as info:
+                cc.encode_rows(bad_ids, bad_z, bad_lse, 1000, "kl", 1e-3, native=native)
+            errors.append(str(info.value))
+        assert errors[0] == errors[1]
+    # lossless stores anything finite or not, and refuses only bad ids
+    assert_same_encoding(cc.encode_rows(ids, z_nan, lse_inf, 1000, "lossless", native=False),
+                         cc.encode_rows(ids, z_nan, lse_inf, 1000, "lossless", native=True))
+
+
+def test_encode_rows_without_the_native_encoder(monkeypatch):
+    """An extension built before the encoder existed (decode only), or none: encode_rows runs the numpy encoder."""
+    ids, z, lse = teacher_rows(20, 16, 1000)
+    want = cc.encode_rows(ids, z, lse, 1000, "kl", 1e-3, native=False)
+
+    class DecodeOnly:
+        decode = None
+
+    for stub in (DecodeOnly(), None):
+        monkeypatch.setattr(cc, "_codec_native", stub)
+        assert not cc._native_encoder_takes(ids, z, lse, 1000, "kl")
+        assert_same_encoding(want, cc.encode_rows(ids, z, lse, 1000, "kl", 1e-3))
+
+
+@needs_native_encoder
+def test_native_encoder_runs_beside_other_threads():
+    """It releases the GIL while it codes: two threads at once give the results of one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids, z, lse = teacher_rows(400, 64, V_QWEN, seed=3)
+    want = cc.encode_rows(ids, z, lse, V_QWEN, "kl", 1e-3)
+    with ThreadPoolExecutor(2) as pool:
+        for got in pool.map(lambda _: cc.encode_rows(ids, z, lse, V_QWEN, "kl", 1e-3), range(4)):
+            assert_same_encoding(want, got)
