@@ -37,14 +37,15 @@ def _runner(backend: str, block_v):
 
 
 def _topk_inputs(teacher_topk, coefs, spec, vocab: int, n: int):
-    """``(ids, logp_top, logp_tail)`` for the kernels from the user's ``(ids, logits, lse)``."""
+    """``(ids, logp_top, logp_tail, lo_top, lo_tail)`` for the kernels from the user's
+    ``(ids, logits, lse)`` (teacher log-probabilities as float32 pairs ``hi + lo``, see
+    ``_common.topk_teacher_logprobs``)."""
     ids, top, lse = (tuple(teacher_topk) + (None,))[:3]
     k = ids.shape[-1]
     if ids.numel() != n * k or top.shape != ids.shape:
         raise ValueError(f"teacher_topk ids {tuple(ids.shape)} and logits {tuple(top.shape)} must be [N={n}, k]")
     ids = check_topk_ids(ids.reshape(n, k).to(coefs.valid.device), coefs.valid, vocab)
-    logp_top, logp_tail = topk_teacher_logprobs(top.reshape(n, k), lse, spec=spec, vocab=vocab)
-    return ids.contiguous(), logp_top.contiguous(), logp_tail.contiguous()
+    return (ids.contiguous(), *topk_teacher_logprobs(top.reshape(n, k), lse, spec=spec, vocab=vocab))
 
 
 def softmax_divergence(

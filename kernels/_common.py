@@ -191,28 +191,55 @@ def topk_teacher_logprobs(topk_logits: torch.Tensor, teacher_lse, *, spec: DivSp
         topk_logits: ``[N, k]`` raw teacher logits at T=1.
         teacher_lse: ``[N]`` teacher full-vocab logsumexp at T=1 (bucket only).
     Returns:
-        ``(logp_top [N, k], logp_tail [N])`` float32; ``logp_tail`` is ``-inf`` for renorm and
-        for k = V (empty bucket). Bucket tail (same as ``dist_distill.losses.topk``):
-        ``r = 1 - sum_topk p`` via expm1, floored at float32's smallest normal; for T != 1
-        the V - k tail tokens share ``r`` uniformly: ``z_tail = lse + log(r / (V - k))``,
-        ``lse_T = logsumexp(topk / T, log(V - k) + z_tail / T)``.
+        ``(logp_top [N, k], logp_tail [N], lo_top [N, k], lo_tail [N])`` float32: each
+        log-probability is the double-float ``hi + lo`` (``hi`` = the float32 value, ``lo`` its
+        float32 residual, 0 where ``hi`` is not finite), computed in float64 from the float32
+        inputs (O(N k) work). A log-probability near -1e4 has a float32 spacing of ~1e-3; the
+        reverse-KL gradient needs the DIFFERENCE of two such values exactly (see
+        ``softmax_divergence``'s doc), which ``(hi_a - hi_b) + (lo_a - lo_b)`` gives.
+        ``logp_tail`` is ``-inf`` for renorm and for k = V (empty bucket). Bucket tail (same as
+        ``dist_distill.losses.topk``): ``r = 1 - sum_topk p`` via expm1, floored at float32's
+        smallest normal; for T != 1 the V - k tail tokens share ``r`` uniformly:
+        ``z_tail = lse + log(r / (V - k))``, ``lse_T = logsumexp(topk / T, log(V - k) + z_tail / T)``.
+        A stored lse below the top-k's own logsumexp (float32 rounding when the tail is
+        negligible: up to ~5e-4 at logits ~1e4) is raised to it at T=1, so that the teacher
+        never sums above 1.
+        Everything is taken relative to the row's top logit ``m`` (``top - m``, ``lse - m``)
+        so that no logit of magnitude 1e4 is scaled or summed before the difference.
     """
-    top = topk_logits.float()
+    wide = torch.float32 if topk_logits.device.type == "mps" else torch.float64
+    top = topk_logits.to(wide)
     n, k = top.shape
-    no_tail = top.new_full((n,), float("-inf"))
+    m = top.max(dim=-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    rel = top - m  # exact in float64 for float32 inputs
     if spec.tail == "renorm" or k == vocab:
-        return torch.log_softmax(top * spec.inv_t, dim=-1), no_tail
+        u = rel * spec.inv_t
+        return _split(u - torch.logsumexp(u, dim=-1, keepdim=True), top.new_full((n,), float("-inf")))
     if teacher_lse is None:
         raise ValueError("tail='bucket' needs the teacher's full-vocab logsumexp (teacher_topk=(ids, logits, lse))")
-    lse = teacher_lse.reshape(n).float()
-    log_top_mass = (torch.logsumexp(top, dim=-1) - lse).clamp(max=0.0)
+    lse_rel = teacher_lse.reshape(n, 1).to(wide) - m  # lse - m, exact
+    lse_top = torch.logsumexp(rel, dim=-1, keepdim=True)
+    log_top_mass = (lse_top - lse_rel).clamp(max=0.0)
     log_r = torch.log(-torch.expm1(log_top_mass)).clamp(min=math.log(torch.finfo(torch.float32).tiny))
-    if spec.temperature == 1.0:
-        return top - lse[:, None], log_r
+    if spec.temperature == 1.0:  # an lse rounded below the top-k's own: the top-k holds it all
+        return _split(rel - torch.maximum(lse_rel, lse_top), log_r.squeeze(1))
     log_n = math.log(vocab - k)
-    log_tail_t = log_n + (lse + log_r - log_n) * spec.inv_t
-    lse_t = torch.logaddexp(torch.logsumexp(top * spec.inv_t, dim=-1), log_tail_t)
-    return top * spec.inv_t - lse_t[:, None], log_tail_t - lse_t
+    log_tail_t = log_n + (lse_rel + log_r - log_n) * spec.inv_t  # relative to m / T
+    u = rel * spec.inv_t
+    lse_t = torch.logaddexp(torch.logsumexp(u, dim=-1, keepdim=True), log_tail_t)
+    return _split(u - lse_t, (log_tail_t - lse_t).squeeze(1))
+
+
+def _split(logp_top: torch.Tensor, logp_tail: torch.Tensor):
+    """``(hi_top, hi_tail, lo_top, lo_tail)``: float32 value and float32 residual of each."""
+    def hi_lo(x):
+        hi = x.float()
+        lo = torch.where(torch.isfinite(hi), x - hi.to(x.dtype), torch.zeros_like(x)).float()
+        return hi.contiguous(), lo.contiguous()
+
+    (hi_top, lo_top), (hi_tail, lo_tail) = hi_lo(logp_top), hi_lo(logp_tail)
+    return hi_top, hi_tail, lo_top, lo_tail
 
 
 def check_topk_ids(ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -79,7 +79,7 @@ def fused_linear_distill_forward(hidden, weight, bias, *, teacher: DenseTeacher 
         hidden: ``[N, H]`` student final hidden states; weight ``[V, H]`` lm_head (same dtype);
             bias ``[V]`` or None.
         teacher / topk: a :class:`DenseTeacher`, or ``(ids [N, k], logp_top [N, k],
-            logp_tail [N])`` (see ``_common.topk_teacher_logprobs``).
+            logp_tail [N], lo_top [N, k], lo_tail [N])`` (see ``_common.topk_teacher_logprobs``).
         coefs: per-token bookkeeping for all N rows; vocab: real vocab (rows of W used).
         rows: tokens per chunk; run: per-chunk divergence (``softmax_divergence_forward`` or
             ``torch_divergence_forward``), called with ``grad=logits`` (in place).

@@ -8,6 +8,10 @@ formula below is written once.
 Conventions: ``p`` is the TEACHER distribution, ``q`` the STUDENT distribution.
 All math is in log space: a term ``a * (log a - log b)`` is taken as 0 where ``a == 0``
 (``0 log 0 = 0``), mixtures are built with ``logsumexp`` and never as ``log(sum of probs)``.
+Reverse KL (and jsd at beta=1, skew_rkl at alpha=0, which equal it) is pivoted on the
+student's largest category so that its gradient does not cancel at large logits (see
+:func:`_rkl`); the log-probabilities should be computed with the max kept apart from the
+log-normaliser (``log_softmax`` of ``(x - max) / T``), as the callers here do.
 """
 
 from __future__ import annotations
@@ -52,6 +56,31 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return term.sum(-1)
 
 
+def _rkl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``KL(q || p)`` for a NORMALISED ``q``, pivoted on q's largest category ``c*``:
+    ``r* + sum_c q_c ((log q_c - log q_c*) - (log p_c - log p_c*))`` with ``r = log q - log p``.
+
+    Equal to :func:`_kl` when ``sum q = 1``, but well conditioned at large logits: where the
+    teacher is ~1e4 below the student's mode, ``r`` and the KL are ~1e4, and the plain
+    form's gradient through ``log_softmax`` (``q_j (r_j + 1) - q_j sum_c q_c (r_c + 1)``)
+    cancels to the float32 spacing of 1e4 (~1e-3). Here every bracket is a difference of two
+    nearby log-probabilities (exact in floating point), small wherever ``q_c`` is not. The
+    pivot values are constants (detached); its gradient differs from :func:`_kl`'s only by a
+    multiple of ``q``, which ``log_softmax``'s backward removes. A pivot with ``p = 0`` falls
+    back to 0 (the KL is then infinite either way).
+    """
+    zero = logq.new_zeros(())
+    idx = logq.detach().argmax(-1, keepdim=True)
+    a_q, a_p = logq.detach().gather(-1, idx), logp.detach().gather(-1, idx)
+    ok = (a_q != _NEG_INF) & (a_p != _NEG_INF)
+    a_q, a_p = torch.where(ok, a_q, zero), torch.where(ok, a_p, zero)
+    q_zero = logq == _NEG_INF
+    safe_q = torch.where(q_zero, zero, logq)
+    safe_p = torch.where(q_zero, zero, logp)
+    term = torch.where(q_zero, zero, safe_q.exp() * ((safe_q - a_q) - (safe_p - a_p)))
+    return term.sum(-1) + (a_q - a_p).squeeze(-1)
+
+
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
     """``log(w * a + (1 - w) * b)`` elementwise, via logsumexp; exact at ``w in {0, 1}``."""
     if w == 0.0:
@@ -85,7 +114,8 @@ def divergence_from_logprobs(
 
     Args:
         logp: ``[N, C]`` teacher log-probabilities (float32/float64; rows sum to 1 in prob space).
-        logq: ``[N, C]`` student log-probabilities, same shape and dtype.
+        logq: ``[N, C]`` student log-probabilities, same shape and dtype (rows sum to 1 too:
+            the reverse-KL form relies on it, see :func:`_rkl`).
         kind: one of :data:`KINDS`:
             - ``fkl``: ``KL(p || q)``
             - ``rkl``: ``KL(q || p)``
@@ -103,6 +133,10 @@ def divergence_from_logprobs(
     Categories where both ``p`` and ``q`` are exactly 0 (``-inf`` on both sides, e.g. an
     empty top-k tail bucket) contribute 0 with a 0 gradient for every kind.
     """
+    if kind == "rkl" or (kind, float(beta)) == ("jsd", 1.0) or (kind, float(skew_alpha)) == ("skew_rkl", 0.0):
+        # exactly KL(q || p); q = 0 terms (empty categories included) are 0 in _rkl, and it
+        # needs the real q (sum q = 1), not the both-zero stand-in below
+        return _rkl(logq, logp)
     both_zero = (logp == _NEG_INF) & (logq == _NEG_INF)
     zero = logp.new_zeros(())
     # p = q = 1 in an empty category gives a 0 term in every formula below, without inf - inf.
@@ -110,8 +144,6 @@ def divergence_from_logprobs(
     logq = torch.where(both_zero, zero, logq)
     if kind == "fkl":
         return _kl(logp, logq)
-    if kind == "rkl":
-        return _kl(logq, logp)
     if kind == "jsd":
         return _jsd(logp, logq, float(beta))
     if kind == "skew_fkl":

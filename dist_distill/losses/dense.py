@@ -10,6 +10,7 @@ from .reduction import (
     compute_dtype,
     finish_token_losses,
     flatten_token_args,
+    scaled_log_softmax,
     slice_vocab,
     token_mask,
     zero_masked_rows,
@@ -84,8 +85,8 @@ def divergence(
     valid = token_mask(labels, weights, ignore_index)
     student = zero_masked_rows(student.reshape(-1, v).to(dtype), valid)
     teacher = zero_masked_rows(teacher.reshape(-1, v).to(dtype), valid)
-    logq = torch.log_softmax(student / temperature, dim=-1)
-    logp = torch.log_softmax(teacher / temperature, dim=-1)
+    logq = scaled_log_softmax(student, temperature)
+    logp = scaled_log_softmax(teacher, temperature)
     div = divergence_from_logprobs(logp, logq, kind, beta=beta, skew_alpha=skew_alpha)
     return finish_token_losses(
         div, student, labels=labels, weights=weights, valid=valid, temperature=temperature,

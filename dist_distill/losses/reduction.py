@@ -71,6 +71,20 @@ def token_mask(labels, weights, ignore_index: int) -> torch.Tensor | None:
     return valid
 
 
+def detached_row_max(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 1]`` max over the last dim as a constant (0 where it is not finite): the shift
+    applied to logits before anything else, so that no logit ~1e4 is scaled or summed."""
+    m = x.detach().amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def scaled_log_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(x / T)`` over the last dim, with the row max subtracted BEFORE dividing by T:
+    at logits ~1e4, ``x / T`` would round every logit by ~1e-3 (float32) and with it every
+    difference the softmax depends on. The max is a constant (detached): same gradient."""
+    return torch.log_softmax((x - detached_row_max(x)) / temperature, dim=-1)
+
+
 def zero_masked_rows(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Replace masked rows of ``x [N, C]`` by 0 so garbage (even inf/NaN) never reaches the math;
     ``torch.where`` gives those rows an exact 0 gradient."""

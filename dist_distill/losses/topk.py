@@ -17,9 +17,12 @@ so ``log p(v) = z_v - lse`` is exact for the top-k ids and the tail mass
     ``logsumexp`` over the vocab with the top-k masked out (never ``1 - sum``, which
     cancels). Teacher at T=1: ``log p(v) = z_v - lse`` and ``log r`` with
     ``r = 1 - exp(logsumexp(topk) - lse)`` (via ``expm1``); exact up to the float rounding
-    of the stored ``lse`` (~1 ulp of lse, about 1e-6 absolute for fp32). ``r`` is floored at
-    the dtype's smallest normal number so that ``KL(q || p)`` stays finite when the top-k
-    holds all the teacher's mass in floating point.
+    of the stored ``lse`` (~1 ulp of lse: about 1e-6 absolute for fp32 at logits ~10, 5e-4
+    at logits ~1e4). ``r`` is floored at the dtype's smallest normal number so that
+    ``KL(q || p)`` stays finite when the top-k holds all the teacher's mass in floating
+    point; an ``lse`` rounded below ``logsumexp(topk)`` is raised to it, so that the
+    teacher's probabilities never sum above 1. Everything is computed relative to the top
+    logit (never a logsumexp or a division by T of logits ~1e4).
     For T != 1 the top-k is exact up to the normaliser (``log p_T(v) = z_v/T - lse_T``) but
     ``lse_T`` needs the unknown tail logits. APPROXIMATION: the V - k tail tokens are taken
     to share the T=1 tail mass uniformly, each with logit ``z_tail = lse + log(r / (V-k))``,
@@ -45,8 +48,10 @@ from .core import check_kind_args, divergence_from_logprobs
 from .reduction import (
     check_common_args,
     compute_dtype,
+    detached_row_max,
     finish_token_losses,
     flatten_token_args,
+    scaled_log_softmax,
     slice_vocab,
     token_mask,
     zero_masked_rows,
@@ -156,8 +161,8 @@ def _check_ids(ids: torch.Tensor, v: int) -> None:
 
 def _renorm_logprobs(student, ids, top, temperature: float):
     """``tail="renorm"``: ``(logp, logq)`` over the k ids, both ``[N, k]``."""
-    logq = torch.log_softmax(student.gather(-1, ids.long()) / temperature, dim=-1)
-    logp = torch.log_softmax(top / temperature, dim=-1)
+    logq = scaled_log_softmax(student.gather(-1, ids.long()), temperature)
+    logp = scaled_log_softmax(top, temperature)
     return logp, logq
 
 
@@ -165,12 +170,14 @@ def _bucket_logprobs(student, ids, top, lse, temperature: float):
     """``tail="bucket"``: ``(logp, logq)`` over the k ids + 1 tail bucket, ``[N, k+1]``
     (``[N, k]`` when k = V: the bucket is empty and dropped)."""
     ids = ids.long()
-    scaled = student / temperature
+    # relative to the row max before dividing by T and kept apart from the log-sum (logits ~1e4)
+    m = detached_row_max(student)
+    scaled = (student - m) / temperature
     lse_q = torch.logsumexp(scaled, dim=-1, keepdim=True)
     logq_top = scaled.gather(-1, ids) - lse_q
     n_tail = student.shape[-1] - ids.shape[-1]
     if n_tail == 0:
-        return torch.log_softmax(top / temperature, dim=-1), logq_top
+        return scaled_log_softmax(top, temperature), logq_top
     logp_top, logp_tail = _teacher_bucket(top, lse, temperature, n_tail)
     # The tail in log space: logsumexp over the vocab with the top-k ids masked out.
     masked = scaled.scatter(-1, ids, float("-inf"))
@@ -178,24 +185,28 @@ def _bucket_logprobs(student, ids, top, lse, temperature: float):
     return torch.cat((logp_top, logp_tail), dim=-1), torch.cat((logq_top, logq_tail), dim=-1)
 
 
-def _teacher_tail_logmass(top: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``[N, 1]`` ``log r``, ``r = 1 - sum_topk exp(z - lse)``, floored at the smallest normal."""
-    log_top_mass = (torch.logsumexp(top, dim=-1) - lse).clamp(max=0.0)
-    log_r = torch.log(-torch.expm1(log_top_mass))
-    return log_r.clamp(min=math.log(torch.finfo(top.dtype).tiny)).unsqueeze(-1)
+def _teacher_tail_logmass(top_rel: torch.Tensor, lse_rel: torch.Tensor):
+    """``([N, 1] log r, [N, 1] logsumexp(top - m))``, ``r = 1 - sum_topk exp(z - lse)`` floored at
+    the smallest normal, from ``top - m`` and ``lse - m`` (``m`` the top logit: never a
+    logsumexp of logits ~1e4)."""
+    lse_top = torch.logsumexp(top_rel, dim=-1, keepdim=True)
+    log_r = torch.log(-torch.expm1((lse_top - lse_rel).clamp(max=0.0)))
+    return log_r.clamp(min=math.log(torch.finfo(top_rel.dtype).tiny)), lse_top
 
 
 def _teacher_bucket(top, lse, temperature: float, n_tail: int):
     """Teacher ``(log p_T(top-k) [N, k], log p_T(tail) [N, 1])`` from the T=1 cache.
 
     Exact at T=1; for T != 1 the tail is taken as ``n_tail`` equal logits carrying the T=1
-    tail mass (see module doc)."""
-    log_r = _teacher_tail_logmass(top, lse)
-    lse = lse.unsqueeze(-1)
-    if temperature == 1.0:
-        return top - lse, log_r
+    tail mass (see module doc). Computed relative to the top logit ``m``."""
+    m = detached_row_max(top)
+    top_rel, lse_rel = top - m, lse.unsqueeze(-1) - m
+    log_r, lse_top = _teacher_tail_logmass(top_rel, lse_rel)
+    if temperature == 1.0:  # an lse rounded below the top-k's own: the top-k holds all the mass
+        return top_rel - torch.maximum(lse_rel, lse_top), log_r
     log_n = math.log(n_tail)
-    z_tail = lse + log_r - log_n
-    log_tail_t = log_n + z_tail / temperature  # log of the summed tail exp(z/T)
-    lse_t = torch.logsumexp(torch.cat((top / temperature, log_tail_t), dim=-1), dim=-1, keepdim=True)
-    return top / temperature - lse_t, log_tail_t - lse_t
+    z_tail = lse_rel + log_r - log_n  # each tail token's logit, relative to m
+    log_tail_t = log_n + z_tail / temperature  # log of the summed tail exp((z - m)/T)
+    scaled = top_rel / temperature
+    lse_t = torch.logsumexp(torch.cat((scaled, log_tail_t), dim=-1), dim=-1, keepdim=True)
+    return scaled - lse_t, log_tail_t - lse_t
