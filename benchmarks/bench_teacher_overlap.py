@@ -3,7 +3,7 @@ teacher_source.kind=group vs kind=cache, and the teacher's busy / idle time per 
 
 Runs ``dd-train`` (torchrun) twice on the same recipe, data and students:
   cache: S student ranks reading a top-k cache built beforehand by ``dd-cache build``;
-  group: tp_size teacher ranks + S student ranks, the teacher running prefetch_steps ahead.
+  group: tp_size teacher ranks + S student ranks, the teacher up to --prefetch micro-batches ahead.
 Student step time per step is read from metrics.jsonl (elapsed = cumulative tokens /
 tokens_per_s); the teacher's per-step busy (forward + vocab-parallel top-k + posting the
 sends) and idle (waiting for the students to take the previous step's signals) times come
@@ -38,8 +38,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tp-size", type=int, default=2, help="teacher tensor-parallel ranks (default 2)")
     ap.add_argument("--micro-batch", type=int, default=8, help="optim.micro_batch_size (default 8)")
     ap.add_argument("--grad-accum", type=int, default=2, help="optim.grad_accum (default 2)")
-    ap.add_argument("--prefetch", type=int, default=1, help="teacher_source.prefetch_steps (default 1)")
+    ap.add_argument("--prefetch", type=int, default=4, help="teacher_source.prefetch_micro_batches (default 4)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (default 1)")
+    ap.add_argument("--teacher", default=None, help="teacher model directory (default: the world's trained teacher, "
+                                                  "else teacher_init; e.g. WORLD/student_init for a cheap teacher)")
     return ap.parse_args()
 
 
@@ -86,6 +88,8 @@ def main() -> None:
 
         build_world(world, teacher_samples=2000, student_samples=512, num_heldout=64, seed=3)
     teacher = world / "teacher" / "model" if (world / "teacher" / "model").is_dir() else world / "teacher_init"
+    if a.teacher:
+        teacher = Path(a.teacher.replace("WORLD", str(world)))
     common = [f"student.name_or_path={world}/student_init", f"teacher.name_or_path={teacher}",
               f"data.train={world}/data/student_train.jsonl", f"optim.max_steps={a.steps}", "optim.warmup_steps=1",
               f"optim.micro_batch_size={a.micro_batch}", f"optim.grad_accum={a.grad_accum}", "output.export=false",
@@ -95,7 +99,7 @@ def main() -> None:
     torchrun(1, "dist_distill.cache", "build", a.recipe, *sets([]), "--mode", "lossless", threads=a.threads)
     torchrun(a.students, "dist_distill.train", a.recipe, *sets([f"output.dir={runs['cache']}"]), threads=a.threads)
     group = ["teacher_source.kind=group", f"teacher_source.tp_size={a.tp_size}", "teacher_source.num_groups=1",
-             f"teacher_source.prefetch_steps={a.prefetch}", f"output.dir={runs['group']}"]
+             f"teacher_source.prefetch_micro_batches={a.prefetch}", f"output.dir={runs['group']}"]
     torchrun(a.tp_size + a.students, "dist_distill.train", a.recipe, *sets(group), threads=a.threads)
 
     cache_t, group_t = (step_times(runs[k])[a.skip:] for k in ("cache", "group"))

@@ -66,6 +66,7 @@ def test_killed_while_writing_a_checkpoint(tiny_world, tmp_path, straight):
     proc = train(tiny_world, tmp_path, "--set", "optim.max_steps=8", "--set", "output.save_every=3", "--resume",
                  "--set", "output.keep_last=2")
     assert "resumed from step 3" in proc.stdout
+    assert "collective timeout: deepspeed.timeout_s=" in proc.stdout and "s from step 4 on" in proc.stdout  # resumed too
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-6", "step-8"]  # re-written; keep_last=2
     assert (ckpt / "step-6/COMMITTED").is_file()
     assert_same_run(straight, tmp_path)

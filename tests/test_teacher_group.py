@@ -7,6 +7,8 @@ Run as a script under torchrun, this file is the helper of `test_tp_topk_equals_
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 import sys
 import time
 
@@ -286,3 +288,63 @@ def test_dead_or_hung_teacher_stops_students(tiny_world, tmp_path, fault):
 
 if __name__ == "__main__":
     _tp_helper(*sys.argv[1:])
+
+
+class _Work:
+    def __init__(self, log, key):
+        self.log, self.key = log, key
+
+    def wait(self, timeout=None):
+        self.log.append(("received", self.key))
+
+
+class _FakeBridge:
+    """Records sends; a send's wait() stands for 'the student has taken it'."""
+
+    def __init__(self, log):
+        self.log, self.n = log, 0
+
+    def send(self, tensors, dst, tag):
+        self.n += 1
+        if self.n % 2 == 0:  # header + payload: one event per message
+            self.log.append(("sent", self.n // 2 - 1))
+            return _Work(self.log, self.n // 2 - 1)
+        return _Work([], None)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_teacher_sends_each_micro_batch_as_soon_as_it_is_scored(window):
+    """grad_accum 4: message i is sent right after micro-batch i is scored (not after the whole step), and
+    the teacher waits for message i - window only, so it runs `window` micro-batches ahead."""
+    from types import SimpleNamespace
+
+    from dist_distill.teacher.group.roles import Roles
+    from dist_distill.teacher.group.server import TeacherData, TeacherServer
+
+    log = []
+
+    class Scorer:
+        device = torch.device("cpu")
+
+        def score(self, tokens, mask, targets):
+            log.append(("scored", sum(1 for e in log if e[0] == "scored")))
+            return torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), torch.zeros(3)
+
+    recipe = SimpleNamespace(optim=SimpleNamespace(micro_batch_size=2, grad_accum=4, max_steps=2), seed=1, stages=[],
+                             teacher_source=SimpleNamespace(prefetch_micro_batches=window, timeout_s=5.0),
+                             deepspeed=SimpleNamespace(startup_timeout_s=5.0), output=SimpleNamespace(dir="/tmp/x"))
+    roles = Roles(0, 2, tp_size=1, num_groups=1)
+    data = TeacherData(torch.zeros(40, 4, dtype=torch.long), torch.ones(40, 4, dtype=torch.long),
+                       torch.zeros(40, 4, dtype=torch.long))
+    server = TeacherServer(recipe, roles, _FakeBridge(log), Scorer(), None, data)
+    server.start_step = lambda: 0
+    server.r.output.dir = str(Path(tempfile.mkdtemp()))
+    server.run()
+    where = {e: i for i, e in enumerate(log)}
+    n = 8  # 2 steps x 4 micro-batches
+    for i in range(n):
+        assert where[("sent", i)] < where.get(("scored", i + 1), len(log)), log  # sent before the next is scored
+        if i + window < n:  # message i taken before item i + window is scored, and not earlier than needed
+            assert where[("received", i)] < where[("scored", i + window)], log
+            if i + window - 1 >= 0:
+                assert where[("received", i)] > where[("scored", i + window - 1)], log

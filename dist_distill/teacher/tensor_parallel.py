@@ -207,9 +207,11 @@ def quantize_tp_projections(model, group, device) -> None:
 
 def vocab_offset(model, tp_mesh) -> int:
     """First vocabulary id of this rank's lm_head slice."""
-    local = model.get_output_embeddings().weight.to_local().shape[0]
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(tp_mesh.size())]
-    dist.all_gather(sizes, torch.tensor([local]), group=tp_mesh.get_group())
+    weight = model.get_output_embeddings().weight.to_local()
+    local = weight.shape[0]
+    # on the weight's device: the TP group is NCCL on GPUs, which refuses CPU tensors
+    sizes = [torch.zeros(1, dtype=torch.int64, device=weight.device) for _ in range(tp_mesh.size())]
+    dist.all_gather(sizes, torch.tensor([local], device=weight.device), group=tp_mesh.get_group())
     offset = int(sum(s.item() for s in sizes[:tp_mesh.get_local_rank()]))
     return offset
 

@@ -16,7 +16,7 @@ rewritten per role, TORCHELASTIC_USE_AGENT_STORE=False), and a "bridge" over all
 is a bare ``ProcessGroupGloo`` on a separate TCPStore (MASTER_PORT + 1, hosted by global
 rank 0), used with point-to-point send/recv.
 
-Which samples: :class:`~dist_distill.train.StepSampler` is a pure function of
+Which samples: :class:`~dist_distill.data.sampler.StepSampler` is a pure function of
 (seed, step, world, rank), so a teacher builds the same sampler as each student it serves
 (sampler world = number of students) and knows every student's micro-batches in advance.
 
@@ -28,9 +28,11 @@ cache read gives. The student checks step, micro-batch and indices against its o
 and refuses a mismatch. Before the first step each student sends MAGIC, start step (its
 resumed step) to its leader, so a resumed run is served from the right step.
 
-Prefetch (double buffering): gloo's send completes only once the receiver has posted the
-matching recv (checked), so before computing step t the leader waits for its sends of step
-t - prefetch_steps; the teacher computes step t while the students work on step t - 1.
+Pipelining per micro-batch: gloo's send completes only once the receiver has posted the
+matching recv (checked), so the leader sends each micro-batch's signal as soon as it is scored
+(isend) and waits only for the message ``teacher_source.prefetch_micro_batches`` micro-batches
+back: the teacher runs up to that many micro-batches ahead of each student, whatever grad_accum
+(see :class:`~dist_distill.teacher.group.server.TeacherServer`).
 
 Failures: a dead peer closes its sockets and every pending send/recv fails at once; a hung
 one is caught by timeouts: students wait ``teacher_source.timeout_s`` per message and then

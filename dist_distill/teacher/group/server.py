@@ -22,7 +22,16 @@ from dist_distill.training.faults import teacher_fault
 
 
 class TeacherServer:
-    """The loop of one teacher rank: compute each step's signals for the group's students, send ahead."""
+    """The loop of one teacher rank: score every micro-batch of the group's students in the order they
+    consume them, and send each as soon as it is computed, running up to a window ahead.
+
+    The window is ``teacher_source.prefetch_micro_batches`` messages per student served: before
+    scoring item i the leader waits until item i - window (a gloo send completes once the
+    student has posted its receive, i.e. started that micro-batch). So the teacher stays up to
+    `window` micro-batches ahead and a student never waits for a teacher that is faster than it,
+    at any grad_accum; a slower teacher sets the pace. TP peers (tp_rank > 0) score with the leader
+    (their collectives pace them) and send nothing.
+    """
 
     def __init__(self, recipe, roles: Roles, bridge, scorer: TeacherScorer, tp_group, data):
         from dist_distill.data.sampler import StepSampler
@@ -35,17 +44,18 @@ class TeacherServer:
                                         recipe.seed, recipe.stages) for s in self.students}
         self.leader = roles.tp_rank == 0
         self.student_wait = startup_timeout_s(recipe)
-        self.pending: deque = deque()  # (step, [works], [tensors kept alive until sent])
+        self.window = recipe.teacher_source.prefetch_micro_batches * len(self.students)
+        self.pending: deque = deque()  # (step, micro, student, [works], [tensors kept alive until sent])
 
     def start_step(self) -> int:
         """The step every student of the group starts at (their resumed step), shared over the TP group."""
-        start = torch.zeros(1, dtype=torch.int64)
+        start = torch.zeros(1, dtype=torch.int64, device=self.scorer.device)  # on the TP group's device (NCCL)
         if self.leader:
             steps = []
             for s in self.students:
                 msg = torch.zeros(2, dtype=torch.int64)
                 wait_work(self.bridge.recv([msg], self.roles.num_teachers + s, 0), self.student_wait,
-                      f"teacher rank {self.roles.rank}: student rank {s} never asked for signals")
+                          f"teacher rank {self.roles.rank}: student rank {s} never asked for signals")
                 steps.append(int(msg[1]))
             if len(set(steps)) != 1 or int(msg[0]) != MAGIC:
                 raise TeacherGroupError(f"teacher group {self.roles.group}: its students start at different "
@@ -55,28 +65,28 @@ class TeacherServer:
             dist.broadcast(start, group_src=0, group=self.tp_group)
         return int(start[0])
 
-    def compute(self, step: int) -> list[tuple[int, int, torch.Tensor, tuple]]:
-        """[(student, micro, indices, (ids, logits, lse))] of step `step` for every student served."""
-        items = [(s, m, idx) for s in self.students for m, idx in enumerate(self.samplers[s].step_indices(step))]
-        d = self.data
-        return [(s, m, idx, self.scorer.score(d.tokens[idx], d.mask[idx], d.targets[idx])) for s, m, idx in items]
+    def items(self, step: int):
+        """(student, micro, sample indices) of step `step` in the order the students consume them."""
+        micro = {s: self.samplers[s].step_indices(step) for s in self.students}
+        return [(s, m, micro[s][m]) for m in range(self.r.optim.grad_accum) for s in self.students]
 
-    def send(self, step: int, results) -> None:
-        works, keep = [], []
-        for s, m, idx, (ids, logits, lse) in results:
-            header, payload = pack(step, m, idx, ids, logits, lse)
-            dst = self.roles.num_teachers + s
-            works += [self.bridge.send([header], dst, 0), self.bridge.send([payload], dst, 0)]
-            keep += [header, payload]
-        self.pending.append((step, works, keep))
+    def send(self, step: int, student: int, micro: int, indices: torch.Tensor, signal) -> None:
+        """Send one micro-batch's signal now (isend: returns at once; completes when the student receives)."""
+        header, payload = pack(step, micro, indices, *signal)
+        dst = self.roles.num_teachers + student
+        works = [self.bridge.send([header], dst, 0), self.bridge.send([payload], dst, 0)]
+        self.pending.append((step, micro, student, works, [header, payload]))
 
-    def drain(self, upto: int) -> None:
-        """Wait until the students received every message of steps <= upto."""
-        while self.pending and self.pending[0][0] <= upto:
-            step, works, _ = self.pending.popleft()
+    def wait_until(self, in_flight: int) -> float:
+        """Wait until at most `in_flight` sent messages are not yet received; returns the seconds waited."""
+        t0 = time.perf_counter()
+        while len(self.pending) > in_flight:
+            step, micro, student, works, _ = self.pending.popleft()
             for w in works:
-                wait_work(w, self.student_wait, f"teacher rank {self.roles.rank}: a student stopped receiving at step "
-                      f"{step + 1} (dead, or hung for {self.student_wait:.0f}s)")
+                wait_work(w, self.student_wait, f"teacher rank {self.roles.rank}: student rank {student} stopped "
+                          f"receiving at step {step + 1}, micro-batch {micro} (dead, or hung for "
+                          f"{self.student_wait:.0f}s)")
+        return time.perf_counter() - t0
 
     def run(self) -> None:
         r = self.r
@@ -85,26 +95,27 @@ class TeacherServer:
             Path(r.output.dir).mkdir(parents=True, exist_ok=True)
             log = open(Path(r.output.dir) / f"teacher-group{self.roles.group}.jsonl", "a")
         t0 = time.perf_counter()
-        step = self.start_step()
+        first = self.start_step()
         idle = time.perf_counter() - t0
-        for step in range(step, r.optim.max_steps):
+        d = self.data
+        for step in range(first, r.optim.max_steps):
             teacher_fault(self.roles.rank, self.roles.num_teachers, step + 1)  # 1-based, as in metrics.jsonl
-            t0 = time.perf_counter()
-            if self.leader:
-                self.drain(step - r.teacher_source.prefetch_steps)
-            t1 = time.perf_counter()
-            results = self.compute(step)
-            if self.leader:
-                self.send(step, results)
-            t2 = time.perf_counter()
-            idle += t1 - t0
+            busy, rows = 0.0, 0
+            for s, m, idx in self.items(step):
+                if self.leader:
+                    idle += self.wait_until(self.window - 1)
+                t1 = time.perf_counter()
+                signal = self.scorer.score(d.tokens[idx], d.mask[idx], d.targets[idx])
+                if self.leader:
+                    self.send(step, s, m, idx, signal)
+                busy += time.perf_counter() - t1
+                rows += signal[0].shape[0]
             if log:
-                log.write(json.dumps({"step": step + 1, "busy_s": t2 - t1, "idle_s": idle,
-                                      "rows": sum(x[3][0].shape[0] for x in results)}) + "\n")
+                log.write(json.dumps({"step": step + 1, "busy_s": busy, "idle_s": idle, "rows": rows}) + "\n")
                 log.flush()
             idle = 0.0
         if self.leader:
-            self.drain(r.optim.max_steps)
+            self.wait_until(0)
             log.close()
 
 
