@@ -99,3 +99,14 @@ def model_fingerprint(spec: ModelSpec) -> dict:
                                         trust_remote_code=spec.trust_remote_code)
     config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
     return {"name_or_path": spec.name_or_path, "revision": spec.revision, "config_sha256": config_hash}
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant torch checkpointing, which works
+    with ZeRO-3's parameter hooks and inputs that need no grad) and put the model in training mode
+    (transformers checkpoints only while training). transformers >= 5 calls it activation checkpointing."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()

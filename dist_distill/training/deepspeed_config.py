@@ -25,11 +25,19 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
         "zero_optimization": {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        # torch's AdamW, except for optimizer states offloaded from CUDA: DeepSpeed's CPU Adam (a built op)
         "optimizer": {"type": "AdamW", "params": {"lr": op.lr, "betas": list(op.betas), "eps": 1e-8,
-                                                  "weight_decay": op.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": op.weight_decay,
+                                                  "torch_adam": not (ds.offload_optimizer != "none" and
+                                                                     torch.cuda.is_available())}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    zero = config["zero_optimization"]
+    if ds.offload_optimizer != "none":  # ZeRO-Offload: fp32 states and the Adam step on the host (pinned)
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params != "none":  # ZeRO-Infinity-style parameter offload of the 16-bit partitions
+        zero["offload_param"] = {"device": ds.offload_params, "pin_memory": torch.cuda.is_available()}
     if ds.config:
         path = Path(ds.config)
         if not path.is_file():

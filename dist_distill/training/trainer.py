@@ -85,7 +85,7 @@ class Trainer:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        from dist_distill.models.loading import load_model
+        from dist_distill.models.loading import enable_activation_checkpointing, load_model
         from dist_distill.objective.module import DistillationModule
         from dist_distill.teacher.colocated import ColocatedTeacher
         from dist_distill.training.deepspeed_config import deepspeed_config
@@ -94,6 +94,8 @@ class Trainer:
         self.ds_config = deepspeed_config(r, self.world)
         self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay alive: from_pretrained then uses zero.Init
         model = load_model(r.student, "student")
+        if r.optim.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         vocab = len(self.tokenizer)
         if model.config.vocab_size < vocab:
             raise UserError(f"student vocab_size={model.config.vocab_size} is smaller than its tokenizer's {vocab}")
@@ -241,10 +243,14 @@ class Trainer:
         self.save_checkpoint()
 
     def _tighten_timeout(self) -> None:
-        """After the first step, collectives get deepspeed.timeout_s instead of the start-up timeout."""
+        """After this process's first step (a resumed run's too), collectives get deepspeed.timeout_s
+        instead of the start-up timeout."""
         from torch.distributed.distributed_c10d import _set_pg_timeout
 
         _set_pg_timeout(timedelta(seconds=self.recipe.deepspeed.timeout_s))
+        if self.rank == 0:
+            print(f"collective timeout: deepspeed.timeout_s={self.recipe.deepspeed.timeout_s:g}s from step {self.step} "
+                  f"on (start-up: {self.recipe.deepspeed.startup_timeout_s:g}s)", flush=True)
 
     # ---- export and cleanup ------------------------------------------------------------------
     def export(self) -> Path:
