@@ -97,7 +97,7 @@ def main() -> None:
         return
     print(f"V={args.vocab}, L={args.seq_len}, k={args.k}, scorer chunk {args.chunk_mib} MiB; peak RSS above the "
           "loaded model, MiB (one process per cell, 1 thread)")
-    print(f"| tokens/batch | old (whole logits) | scorer | old / scorer | [tokens, V] fp32 |")
+    print("| tokens/batch | old (whole logits) | scorer | old / scorer | [tokens, V] fp32 |")
     print("|---:|---:|---:|---:|---:|")
     for tokens in (int(t) for t in args.tokens.split(",")):
         old, new = spawn("old", tokens, args), spawn("new", tokens, args)

@@ -140,7 +140,7 @@ def test_deepspeed_cpu_comm_op_is_built_in_setup_not_in_a_test():
         pytest.skip("the CPU comm op is only used without CUDA")
     folder = os.environ.get("TORCH_EXTENSIONS_DIR")
     assert folder, "run the suite through launch/test.sh (it exports TORCH_EXTENSIONS_DIR)"
-    assert list(Path(folder).glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")), f"not built in {folder}"
+    assert list(Path(folder).rglob("deepspeed_shm_comm*.so")), f"not built in {folder}"
 
 
 def test_gpu_check_parses_and_says_no_gpu_on_cpu(tmp_path):
