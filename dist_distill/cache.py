@@ -16,7 +16,7 @@ import torch
 
 from dist_distill.errors import UserError, run_cli
 from dist_distill.teacher.cache import codec
-from dist_distill.teacher.cache.reader import info_text, verify_cache
+from dist_distill.teacher.cache.reader import TeacherCache, info_text, verify_cache
 from dist_distill.teacher.cache.writer import build_cache, finalize_cache
 
 
@@ -30,7 +30,7 @@ def _cmd_build(args) -> int:
     manifest = build_cache(recipe, shard_index=args.shard_index, num_shards=args.num_shards,
                            samples_per_shard=args.samples_per_shard, rank=rank, world_size=world,
                            progress=rank == 0 and not args.quiet, mode=args.mode, max_kl=args.max_kl,
-                           quantize=args.quantize)
+                           quantize=args.quantize, start_over=args.start_over)
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
@@ -53,6 +53,13 @@ def _cmd_info(args) -> int:
 def _cmd_verify(args) -> int:
     n = verify_cache(args.cache_dir)
     print(f"ok: manifest and {n} shards verified in {args.cache_dir}")
+    if args.recipe:
+        from dist_distill.recipe import load_recipe
+        from dist_distill.teacher.sources import expected_cache_fields
+
+        recipe = load_recipe(args.recipe, args.set)
+        TeacherCache(args.cache_dir).check_matches(expected_cache_fields(recipe))
+        print(f"ok: built for {args.recipe}'s teacher {recipe.teacher.name_or_path} (weights, config, tokenizer) and data")
     return 0
 
 
@@ -72,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="mode kl: bound on KL(exact || stored) of each token's top-k distribution, nats (default 1e-3)")
     build.add_argument("--quantize", choices=("none", "8bit", "4bit"), default="none",
                        help="load the teacher with bitsandbytes 8-bit or 4-bit (NF4) weights, on CUDA or the CPU (default none)")
+    build.add_argument("--start-over", action="store_true",
+                       help="the cache directory was made by another build (teacher, data, settings): move it aside to "
+                            "<dir>.old-<time> and build anew (default: refuse, naming what differs)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     build.set_defaults(func=_cmd_build)
@@ -80,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(func=_cmd_info)
     verify = sub.add_parser("verify", help="check the manifest and every shard (size, header, sha256)")
     verify.add_argument("cache_dir", help="cache directory")
+    verify.add_argument("--recipe", default=None, help="also check that the cache was built for this recipe's teacher "
+                                                       "(weights, config, tokenizer) and data")
+    verify.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     verify.set_defaults(func=_cmd_verify)
     args = parser.parse_args(argv)
     if getattr(args, "num_shards", 1) < 1 or not 0 <= getattr(args, "shard_index", 0) < getattr(args, "num_shards", 1):

@@ -103,6 +103,29 @@ def test_checkpoint_that_would_run_code_is_refused(tiny_world, tmp_path, straigh
     assert "holds more than tensors and plain data" in err and not (tmp_path / "exported").exists()
 
 
+@pytest.mark.bad_inputs(1)
+def test_resume_is_one_decision_of_all_ranks(tiny_world, tmp_path, straight):
+    """Only rank 1's checkpoint file is refused: no rank continues (rank 0 used to print "resumed from
+    step 8" and train on); both stop with the same message, naming the checkpoint, and rank 1 the file."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    files = sorted((run / "checkpoints/step-8").glob("*rank_1_*optim_states.pt"))
+    assert len(files) == 1, sorted(p.name for p in (run / "checkpoints/step-8").iterdir())
+    state = torch.load(files[0], weights_only=False)
+    state["tampered"] = _RunsCode()
+    torch.save(state, files[0])
+    proc = train(tiny_world, run, "--set", "optim.max_steps=10", "--set", "output.save_every=3", "--resume", check=False)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0 and "resumed from step" not in out and "CODE FROM THE CHECKPOINT RAN" not in out
+    assert max(r["step"] for r in metrics(run)) == 8  # nobody trained on
+    for rank in (0, 1):
+        assert f"dd-train (rank {rank}): error: could not resume from checkpoint" in out, out[-3000:]
+    assert "loading failed on 1 rank(s), so no rank continues. This rank (rank 0) loaded its files." in out
+    assert f"Here (rank 1): checkpoint file {files[0]}" in out
+
+
 @pytest.mark.faults(1)
 def test_nan_on_one_rank_skips_the_step_everywhere(tiny_world, tmp_path):
     train(tiny_world, tmp_path, "--set", "optim.max_steps=5", "--set", "output.save_every=2",

@@ -91,14 +91,79 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def model_fingerprint(spec: ModelSpec) -> dict:
-    """Name, revision and a hash of config.json of a model (what a cache was built from)."""
+def checkpoint_files(spec) -> dict[str, Path]:
+    """Parameter name -> safetensors file of the checkpoint `spec` names (a local directory or a hub
+    name, through transformers' file cache; one file or an index of shards)."""
+    from transformers.utils import cached_file
+
+    kw = {"revision": spec.revision, "_raise_exceptions_for_missing_entries": False}
+    index = cached_file(spec.name_or_path, "model.safetensors.index.json", **kw)
+    if index is not None:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        folder = Path(index).parent
+        files = {f: Path(cached_file(spec.name_or_path, f, revision=spec.revision)) if not (folder / f).is_file()
+                 else folder / f for f in set(weight_map.values())}
+        return {name: files[f] for name, f in weight_map.items()}
+    single = cached_file(spec.name_or_path, "model.safetensors", **kw)
+    if single is None:
+        raise UserError(f"{spec.name_or_path}: no model.safetensors or model.safetensors.index.json (this "
+                        "project loads safetensors checkpoints only)")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return {name: Path(single) for name in f.keys()}
+
+
+SAMPLED_BLOCKS = 16
+SAMPLE_BYTES = 1 << 20
+
+
+def weights_digest(files) -> str:
+    """sha256 over each safetensors file (sorted by name) of: its header (tensor names, dtypes, shapes,
+    offsets), its size, and SAMPLED_BLOCKS blocks of SAMPLE_BYTES spread evenly over its data.
+
+    Sampled, not whole: hashing a 140 GB teacher at ~1 GB/s would add minutes to every training start
+    and cache build; 16 MiB per file is read instead. Any retraining or fine-tuning changes every
+    block, so a retrained teacher is caught; a change confined to unsampled bytes is not (dd-cache
+    verify's shard checksums cover the cache itself, not the teacher).
+    """
+    import struct
+
+    digest = hashlib.sha256()
+    for path in sorted(set(Path(f) for f in files), key=lambda p: p.name):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (head_len,) = struct.unpack("<Q", f.read(8))
+            digest.update(path.name.encode() + size.to_bytes(8, "little") + f.read(head_len))
+            data_start = 8 + head_len
+            span = max(size - data_start - SAMPLE_BYTES, 0)
+            for i in range(SAMPLED_BLOCKS):
+                f.seek(data_start + span * i // max(SAMPLED_BLOCKS - 1, 1))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def model_fingerprint(spec: ModelSpec, tokenizer=None) -> dict:
+    """What a model is, not where it lies: hashes of its config (without ``_name_or_path`` and the
+    transformers version), of its weights (`weights_digest`) and of its tokenizer's vocabulary; the
+    name and revision are kept for the reader but not compared (a moved teacher is the same teacher,
+    a retrained one at the same path is not)."""
     from transformers import AutoConfig
 
+    check_model_source(spec, "teacher")  # a local path that is not there is an error, not a skipped check
     config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
-                                        trust_remote_code=spec.trust_remote_code)
-    config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
-    return {"name_or_path": spec.name_or_path, "revision": spec.revision, "config_sha256": config_hash}
+                                        trust_remote_code=spec.trust_remote_code).to_dict()
+    for key in ("_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, "teacher")
+    return {"name_or_path": spec.name_or_path, "revision": spec.revision, "config_sha256": config_hash,
+            "weights_sha256": weights_digest(checkpoint_files(spec).values()),
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
+
+
+FINGERPRINT_KEYS = ("config_sha256", "weights_sha256", "tokenizer_sha256")
+"""The fields of model_fingerprint that say what a model is (compared); the others say where it was."""
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -16,6 +16,27 @@ def same_tokenizer_or_refuse(recipe, student_tokenizer) -> None:
                         "different tokenizers: token-level logit distillation is invalid across vocabularies")
 
 
+def expected_cache_fields(recipe, tokenizer=None, data=None) -> dict:
+    """What a cache for `recipe` must record (TeacherCache.check_matches): tokenizer, sequence length,
+    vocabulary, data and target fingerprints, k, and the teacher's content fingerprint. The teacher
+    is fingerprinted where its files can be read; a hub teacher not downloaded here (a 671B teacher
+    need not sit on the training cluster) is said and not compared."""
+    from dist_distill.data.records import load_tokenized
+    from dist_distill.models.loading import load_tokenizer, model_fingerprint, tokenizer_fingerprint
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.student, "student")
+    data = data if data is not None else load_tokenized(recipe.data.train, tokenizer, recipe.data, recipe.data.max_samples)
+    expected = {"tokenizer_sha256": tokenizer_fingerprint(tokenizer), "seq_len": recipe.data.max_seq_len,
+                "vocab_size": len(tokenizer), "k": recipe.teacher_source.top_k,
+                "dataset": {"token_ids_sha256": data.fingerprint, "targets_sha256": data.targets_fingerprint}}
+    try:
+        expected["teacher"] = model_fingerprint(recipe.teacher)
+    except OSError as err:
+        print(f"note: teacher {recipe.teacher.name_or_path} cannot be read here ({str(err).splitlines()[0][:120]}): "
+              "the cache's teacher fingerprint was not compared", flush=True)
+    return expected
+
+
 def build_teacher_source(recipe, tokenizer, data, device: torch.device, step_fn):
     """The object whose ``signal(indices, batch)`` gives each micro-batch's TeacherSignal (None: hard labels).
 
@@ -25,14 +46,10 @@ def build_teacher_source(recipe, tokenizer, data, device: torch.device, step_fn)
     """
     ts = recipe.teacher_source
     if ts.kind == "cache":
-        from dist_distill.models.loading import tokenizer_fingerprint
         from dist_distill.teacher.cache.reader import CacheTeacher, TeacherCache
 
         cache = TeacherCache(ts.cache_dir)
-        cache.check_matches({"tokenizer_sha256": tokenizer_fingerprint(tokenizer), "seq_len": recipe.data.max_seq_len,
-                             "vocab_size": len(tokenizer), "dataset": {"token_ids_sha256": data.fingerprint,
-                                                                      "targets_sha256": data.targets_fingerprint},
-                             "k": ts.top_k})
+        cache.check_matches(expected_cache_fields(recipe, tokenizer, data))
         return CacheTeacher(cache, ts.top_k, device)
     if ts.kind == "group":
         from dist_distill.teacher.group.client import group_teacher

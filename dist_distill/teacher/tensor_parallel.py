@@ -20,29 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dist_distill.errors import UserError
-
-
-def checkpoint_files(spec) -> dict[str, Path]:
-    """Parameter name -> safetensors file of the checkpoint `spec` names (a local directory or a hub
-    name, through transformers' file cache; one file or an index of shards)."""
-    from transformers.utils import cached_file
-
-    kw = {"revision": spec.revision, "_raise_exceptions_for_missing_entries": False}
-    index = cached_file(spec.name_or_path, "model.safetensors.index.json", **kw)
-    if index is not None:
-        weight_map = json.loads(Path(index).read_text())["weight_map"]
-        folder = Path(index).parent
-        files = {f: Path(cached_file(spec.name_or_path, f, revision=spec.revision)) if not (folder / f).is_file()
-                 else folder / f for f in set(weight_map.values())}
-        return {name: files[f] for name, f in weight_map.items()}
-    single = cached_file(spec.name_or_path, "model.safetensors", **kw)
-    if single is None:
-        raise UserError(f"teacher {spec.name_or_path}: no model.safetensors or model.safetensors.index.json (the "
-                        "group teacher loads safetensors checkpoints only)")
-    from safetensors import safe_open
-
-    with safe_open(single, "pt") as f:
-        return {name: Path(single) for name in f.keys()}
+from dist_distill.models.loading import checkpoint_files
 
 
 def shard_slices(shape: torch.Size, placements, mesh_size: int, rank: int) -> tuple[slice, ...]:

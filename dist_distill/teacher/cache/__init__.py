@@ -3,13 +3,15 @@
 Modules: format (files on disk), codec (row coding; _codec_native.c its C twin), writer (building),
 reader (memory-mapped reading, verify, info). The command is dist_distill.cache (dd-cache).
 
-Format "dd-topk-v1":
+Format "dd-topk-v2":
 
   <cache_dir>/manifest.json        what was cached and from what; written last, atomically, by rank 0
                                    once every shard exists (fingerprints, codec, shard list + sha256)
   <cache_dir>/shard-00000.ddc      samples [start, stop) of the dataset (binary, see below)
-  <cache_dir>/shard-00000.json     sidecar: the shard's range, size, sha256 and error stats; written
-                                   after the shard file, it marks the shard complete
+  <cache_dir>/shard-00000.json     sidecar: the shard's range, size, sha256, error stats and the identity
+                                   of the build that wrote it (teacher by content, tokenizer, data,
+                                   targets, settings); written after the shard file, it marks the
+                                   shard complete -- for that build only
 
 Per token the teacher runs over the FULL real vocabulary at T=1; the cache keeps its k largest
 logits (ids in storage order, values in the same order), normalised as ``logp = z - lse`` with the
@@ -28,12 +30,19 @@ the EXACT KL between the renormalised top-k distributions bounded by ``--max-kl`
 Bytes per token (V=151936, measured by benchmarks/bench_cache.py, docs/benchmarks.md):
 see the "Teacher cache" section there; ids dominate at large k.
 
-Shard file ``.ddc``: b"DDTOPK\\x01\\x00", u64 length of a JSON header, the header (sections:
+Shard file ``.ddc``: b"DDTOPK\\x02\\x00", u64 length of a JSON header, the header (sections:
 name -> [offset, nbytes, dtype, shape]), then 64-byte aligned sections: ``row_mask`` (packed
 bits [n, ceil(L/8)]), ``row_start``/``a_start``/``b_start`` (int64 [n+1]: first row and byte
 offsets of each sample), ``header`` (per-row struct), ``widths`` (id width nibbles),
 ``stream_a`` (ids and coarse values), ``stream_b`` (refinements), ``values`` (lossless),
-``id_order_sizes``/``id_order_widths``/``id_order_blocks`` (optional, see above).
+``id_order_sizes``/``id_order_widths``/``id_order_blocks`` (optional, see above), ``sample_crc``
+(uint32 [n]: CRC32 of each sample's bytes in every section, verified on every read).
+
+Integrity: a build into a directory holding shards or a manifest of another build is refused,
+naming what differs (``--start-over`` moves it aside); resume counts an existing shard done only
+if its sidecar records this build and its sha256 matches; training compares the manifest with
+the recipe's teacher (content fingerprint: models.loading.model_fingerprint), tokenizer and data,
+and every read checks the sample's CRC32.
 
 Building (writer.py): the teacher runs through the teacher scorer (dist_distill.teacher.scorer:
 top-k and logsumexp chunk by chunk, vocab-parallel with ``teacher_source.tp_size`` > 1), so no

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "dd-topk-v1"
+FORMAT = "dd-topk-v2"
+"""v2: per-sample CRC32 checksums (section ``sample_crc``), and every shard bound to one build (its
+identity in every sidecar and the manifest); v1 caches are refused with a message to rebuild."""
 MANIFEST = "manifest.json"
-MAGIC = b"DDTOPK\x01\x00"
+MAGIC = b"DDTOPK\x02\x00"
 SHARD_SUFFIX = ".ddc"
 ALIGN = 64
 
@@ -69,15 +71,44 @@ def shard_lock(cache_dir: Path, index: int):
         os.close(fd)
 
 
-def shard_done(cache_dir: Path, index: int) -> bool:
-    """A shard is complete when its sidecar exists and its file has the size the sidecar records."""
+def shard_done(cache_dir: Path, index: int, build_sha: str | None = None, check_sha: bool = False) -> bool:
+    """A shard is complete when its sidecar exists and its file has the size the sidecar records; with
+    `build_sha`, the sidecar must also record that build (teacher, tokenizer, data, settings:
+    writer.build_identity), and with `check_sha` the file's sha256 must be the sidecar's (reads the file)."""
     side, file = sidecar_path(cache_dir, index), shard_path(cache_dir, index)
     if not (side.is_file() and file.is_file()):
         return False
     try:
-        return json.loads(side.read_text())["bytes"] == file.stat().st_size
+        record = json.loads(side.read_text())
+        if record["bytes"] != file.stat().st_size:
+            return False
+        if build_sha is not None and record.get("build_sha256") != build_sha:
+            return False
+        return not check_sha or sha256_file(file) == record["sha256"]
     except (ValueError, KeyError):
         return False
+
+
+def sample_checksums(sections: dict, row_start: np.ndarray, a_start: np.ndarray, b_start: np.ndarray) -> np.ndarray:
+    """uint32 [n]: CRC32 of each sample's bytes in every per-row section (its header and width rows,
+    lossless values, row-mask row, and its ranges of both streams) -- what a read of that sample
+    decodes, checked on every read (``_Shard.decode``)."""
+    import zlib
+
+    n = len(row_start) - 1
+    out = np.empty(n, dtype=np.uint32)
+    rowwise = [np.ascontiguousarray(sections[k]).view(np.uint8).reshape(len(sections[k]), -1)
+               for k in ("header", "widths", "values") if k in sections and len(sections[k])]
+    mask = np.ascontiguousarray(sections["row_mask"])
+    sa, sb = sections["stream_a"], sections["stream_b"]
+    for i in range(n):
+        r0, r1 = int(row_start[i]), int(row_start[i + 1])
+        crc = zlib.crc32(mask[i].tobytes())
+        for rows in rowwise:
+            crc = zlib.crc32(rows[r0:r1].tobytes(), crc)
+        crc = zlib.crc32(sa[int(a_start[i]):int(a_start[i + 1])].tobytes(), crc)
+        out[i] = zlib.crc32(sb[int(b_start[i]):int(b_start[i + 1])].tobytes(), crc)
+    return out
 
 
 def serialise_shard(sections: dict, meta: dict) -> tuple[list, dict]:

@@ -45,12 +45,16 @@ class _Shard:
             raise UserError(f"teacher cache shard {path} fails its range check: samples [{h['start']}, {h['stop']}), "
                             f"the manifest says [{entry['start']}, {entry['stop']})")
         header_dtype = codec.HEADER_KL if h["mode"] == "kl" else codec.HEADER_LOSSLESS
-        self.s = {}
+        self.s, self.raw = {}, {}
         base = data_start(head_len)
         for name, (off, nbytes, dtype, shape) in h["sections"].items():
             if base + off + nbytes > size:
                 raise UserError(f"teacher cache shard {path} fails its section check: {name} ends past the file")
-            self.s[name] = mm[base + off:base + off + nbytes].view(np.dtype(dtype)).reshape(shape)
+            self.raw[name] = mm[base + off:base + off + nbytes]
+            self.s[name] = self.raw[name].view(np.dtype(dtype)).reshape(shape)
+        if "sample_crc" not in self.s:
+            raise UserError(f"teacher cache shard {path} fails its checksum check: it has no per-sample checksums "
+                            f"(section sample_crc); rebuild the cache with dd-cache build")
         self.s["header"] = self.s["header"].view(header_dtype).reshape(-1)
         self.k, self.mode, self.value_dtype = h["k"], h["mode"], h["value_dtype"]
         self.seq_len, self.vocab_size, self.start = h["seq_len"], h["vocab_size"], h["start"]
@@ -66,6 +70,28 @@ class _Shard:
             self.id_order = order.astype(np.int64)
         self.nb2 = self.s["widths"].shape[1] if self.s["widths"].ndim == 2 else 0
 
+    def check_samples(self, local: np.ndarray) -> None:
+        """Recompute the CRC32 of each sample's bytes (format.sample_checksums) and refuse a damaged one,
+        naming the shard and the sample: every read is verified, at the cost measured in bench_cache."""
+        import zlib
+
+        s = self.s
+        rowwise = [self.raw[k].reshape(len(s[k]), -1) if len(s[k]) else None
+                   for k in ("header", "widths", "values") if k in s]
+        for i in np.asarray(local).reshape(-1).tolist():
+            r0, r1 = int(s["row_start"][i]), int(s["row_start"][i + 1])
+            crc = zlib.crc32(s["row_mask"][i])
+            for rows in rowwise:
+                if rows is not None:
+                    crc = zlib.crc32(rows[r0:r1], crc)
+            crc = zlib.crc32(s["stream_a"][int(s["a_start"][i]):int(s["a_start"][i + 1])], crc)
+            crc = zlib.crc32(s["stream_b"][int(s["b_start"][i]):int(s["b_start"][i + 1])], crc)
+            if crc != int(s["sample_crc"][i]):
+                raise UserError(f"teacher cache shard {self.path} fails its checksum check at sample {self.start + i} "
+                                f"(block {i} of the shard): its bytes changed after they were written (disk or "
+                                "filesystem damage). Delete the shard and its .json and re-run dd-cache build "
+                                "(it rebuilds only that shard); dd-cache verify checks the others")
+
     def decode(self, local: np.ndarray, ids_dtype=np.int32):
         """Rows of samples `local` (shard-relative): ids [R, k] (`ids_dtype`), values fp32 [R, k], lse [R], positions mask [n, L].
 
@@ -73,6 +99,7 @@ class _Shard:
         compact buffer each (the only reads of the shard), then decoded with local offsets.
         """
         s = self.s
+        self.check_samples(local)
         first, last = s["row_start"][local], s["row_start"][local + 1]
         counts = (last - first).astype(np.int64)
         rows = np.repeat(first - _excl(counts), counts) + np.arange(int(counts.sum()))
@@ -158,6 +185,16 @@ class TeacherCache:
                 raise UserError(f"teacher cache {self.dir} was built for another {what}: the cache has {have!r}, "
                                 f"this recipe needs {want!r} ({where} fails the {what} check). Rebuild the cache "
                                 "with dd-cache for this recipe, or point teacher_source.cache_dir at the matching cache")
+        if "teacher" in expected:
+            from dist_distill.models.loading import FINGERPRINT_KEYS
+
+            for key in FINGERPRINT_KEYS:
+                have, want = m.get("teacher", {}).get(key), expected["teacher"].get(key)
+                if want is not None and have != want:
+                    raise UserError(f"teacher cache {self.dir} was built from another teacher: its {key} is {have!r}, "
+                                    f"the recipe's teacher {expected['teacher'].get('name_or_path')} has {want!r} "
+                                    f"({where} fails the teacher check). Rebuild the cache from this teacher, or point "
+                                    "teacher.name_or_path at the one the cache was built from")
         if m["k"] < expected["k"]:
             raise UserError(f"teacher cache {self.dir} keeps k={m['k']} logits per token, the recipe asks "
                             f"teacher_source.top_k={expected['k']} ({where} fails the k check)")

@@ -18,7 +18,8 @@ from dist_distill.errors import UserError
 from dist_distill.training.checkpoint import write_atomic
 from dist_distill.teacher.cache import codec
 from dist_distill.teacher.signal import pack_rows, unpack_rows_numpy
-from dist_distill.teacher.cache.format import FORMAT, MANIFEST, lock_path, serialise_shard, shard_done, shard_lock, shard_name, shard_path, sidecar_path
+from dist_distill.teacher.cache.format import (FORMAT, MANIFEST, lock_path, sample_checksums, serialise_shard,
+                                               shard_done, shard_lock, shard_name, shard_path, sidecar_path)
 
 
 
@@ -46,6 +47,7 @@ def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float
     }
     if mode == "lossless":
         sections["values"] = enc["values"]
+    sections["sample_crc"] = sample_checksums(sections, row_start, sections["a_start"], sections["b_start"])
     sections.update(table or {})
     meta = {"k": k, "mode": mode, "value_dtype": enc["value_dtype"], "num_samples": n, "seq_len": seq_len,
             "rows": int(len(ids)), "start": start, "stop": start + n if stop is None else stop,
@@ -83,7 +85,8 @@ def frequency_ranks(ids: np.ndarray, vocab_size: int):
 SIDECAR_RESERVE = 64 * 1024  # bytes kept free for the shard's sidecar and the manifest
 
 
-def write_shard(cache_dir: Path, index: int, start: int, stop: int, parts: list, stats: dict) -> None:
+def write_shard(cache_dir: Path, index: int, start: int, stop: int, parts: list, stats: dict,
+                build: tuple[dict, str] | None = None) -> None:
     """Publish a shard: the file first, then the sidecar that marks it complete.
 
     A shard that does not fit the free space is refused before anything is written; one whose
@@ -101,6 +104,8 @@ def write_shard(cache_dir: Path, index: int, start: int, stop: int, parts: list,
                                                    f"{SIDECAR_RESERVE:,} kept for the sidecar and manifest)"))
     sidecar = {"index": index, "file": file.name, "start": start, "stop": stop,
                "bytes": size, "sha256": digest.hexdigest(), **stats}
+    if build is not None:  # (identity, sha256) of the build: binds the shard to its teacher, data and settings
+        sidecar.update(build_identity=build[0], build_sha256=build[1])
     try:
         write_atomic(file, parts)
         write_atomic(sidecar_path(cache_dir, index), json.dumps(sidecar, sort_keys=True).encode())
@@ -123,12 +128,70 @@ def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
     return {
         "format": FORMAT, "k": recipe.teacher_source.top_k, "seq_len": recipe.data.max_seq_len,
         "vocab_size": vocab_size, "num_samples": len(data),
-        "teacher": model_fingerprint(recipe.teacher),
+        "teacher": model_fingerprint(recipe.teacher, tokenizer),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "dataset": {"source": data.source, "split": recipe.data.split, "max_samples": recipe.data.max_samples,
                     "token_ids_sha256": data.fingerprint,
                     "targets_sha256": data.targets_fingerprint},
     }
+
+
+IDENTITY = [("teacher config", ("teacher", "config_sha256")), ("teacher weights", ("teacher", "weights_sha256")),
+            ("teacher quantization", ("teacher", "quantization")), ("tokenizer", ("tokenizer_sha256",)),
+            ("dataset token ids", ("dataset", "token_ids_sha256")),
+            ("target positions (prompt/answer split)", ("dataset", "targets_sha256")),
+            ("number of samples", ("num_samples",)), ("sequence length", ("seq_len",)), ("vocabulary size", ("vocab_size",)),
+            ("top-k (teacher_source.top_k)", ("k",)), ("samples per shard", ("samples_per_shard",)),
+            ("codec", ("codec", "mode")), ("KL bound (--max-kl)", ("codec", "max_kl")), ("format", ("format",))]
+"""What binds a cache directory to one build: (what, path in the manifest)."""
+
+
+def build_identity(manifest: dict) -> tuple[dict, str]:
+    """The identity fields of a build's manifest and their sha256 (what every sidecar records)."""
+    def get(d, path):
+        for key in path:
+            d = d.get(key) if isinstance(d, dict) else None
+        return d
+
+    identity = {what: get(manifest, path) for what, path in IDENTITY}
+    return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def bind_cache_dir(cache_dir: Path, manifest: dict, start_over: bool) -> str:
+    """Check that `cache_dir` holds nothing of another build and return this build's sha256.
+
+    Every shard's sidecar records the identity of the build that wrote it (teacher by content,
+    tokenizer, data, targets, settings), and so does a finished cache's manifest. A directory with
+    shards or a manifest of another build -- or of unknown origin -- is refused naming what differs,
+    so that no old shard is ever relabelled or mixed in. With `start_over` it is moved aside to
+    ``<dir>.old-<time>`` first, never deleted. Call on one rank of a task (start over only with a
+    single task running).
+    """
+    identity, sha = build_identity(manifest)
+    records = [json.loads(p.read_text()) for p in sorted(cache_dir.glob("shard-*.json"))]
+    if (cache_dir / MANIFEST).is_file():
+        records.append({"build_identity": build_identity(json.loads((cache_dir / MANIFEST).read_text()))[0]})
+    whys = []
+    for record in records:
+        theirs = record.get("build_identity")
+        if theirs is None:
+            whys.append(f"{record.get('file', MANIFEST)} records no build (an older or unknown build)")
+            break
+        differs = [f"{what} (the cache has {theirs.get(what)!r}, this build {identity[what]!r})"
+                   for what in identity if theirs.get(what) != identity[what]]
+        if differs:
+            whys.append("; ".join(differs))
+            break
+    if whys:
+        if not start_over:
+            raise UserError(f"teacher cache {cache_dir} was made by another build: {whys[0]}. Nothing was changed. "
+                            "Point teacher_source.cache_dir at a new directory, or pass --start-over to move this one "
+                            "aside and build anew")
+        aside = cache_dir.with_name(f"{cache_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(cache_dir, aside)
+        cache_dir.mkdir(parents=True)
+        print(f"teacher cache {cache_dir}: the previous contents ({whys[0]}) were moved to {aside}", flush=True)
+    return sha
 
 
 @dataclass(frozen=True)
@@ -219,25 +282,45 @@ def score_rows(scorer, data, batches: list[tuple[int, int]], bar=None, bar_scale
     return torch.cat(parts) if parts else torch.zeros(0, 2 * scorer.k + 1)
 
 
-def _plan(cache_dir: Path, layout: BuildLayout, num_total: int, stack: contextlib.ExitStack) -> list[int]:
-    """The shards this task builds, agreed by all its ranks: missing, of this task, and locked by their
-    writer (a shard held by another live writer is skipped with a message). Locks stay held in `stack`."""
+def _plan(cache_dir: Path, layout: BuildLayout, num_total: int, stack: contextlib.ExitStack, build_sha: str) -> list[int]:
+    """The shards this task builds, agreed by all its ranks: of this task, not complete (an existing
+    shard counts only if its sidecar records this build and the file's sha256 matches it; each
+    writer checks its own), and locked by their writer (a shard held by another live writer is
+    skipped with a message). Locks stay held in `stack`."""
     mine = [s for s in range(num_total) if s % layout.num_tasks == layout.task]
     claimed = []
     for s in mine:
-        if layout.writer_of(s) != layout.rank or shard_done(cache_dir, s):
+        if layout.writer_of(s) != layout.rank or shard_done(cache_dir, s, build_sha, check_sha=True):
             continue
         if not stack.enter_context(shard_lock(cache_dir, s)):
             print(f"cache task {layout.task}/{layout.num_tasks}: shard {s} is being written by another process (it "
                   f"holds {lock_path(cache_dir, s).name}): skipped", flush=True)
             continue
-        if not shard_done(cache_dir, s):  # finished by another writer meanwhile
+        if not shard_done(cache_dir, s, build_sha, check_sha=True):  # else finished by another writer meanwhile
+            if shard_path(cache_dir, s).exists():
+                print(f"cache task {layout.task}/{layout.num_tasks}: shard {s} exists but does not match its sidecar "
+                      "or this build: rebuilding it", flush=True)
             claimed.append(s)
     if layout.world == 1:
         return claimed
     everyone = [None] * layout.world
     torch.distributed.all_gather_object(everyone, claimed, group=_cpu_group())
     return sorted(s for part in everyone for s in part)
+
+
+def _bind_on_rank0(cache_dir: Path, manifest: dict, start_over: bool, layout: BuildLayout) -> str:
+    """`bind_cache_dir` on rank 0; every rank gets its answer, or raises its refusal."""
+    result = [None, None]
+    if layout.rank == 0:
+        try:
+            result = [bind_cache_dir(cache_dir, manifest, start_over), None]
+        except UserError as err:
+            result = [None, str(err)]
+    if layout.world > 1:
+        torch.distributed.broadcast_object_list(result, src=0, group=_cpu_group())
+    if result[1] is not None:
+        raise UserError(result[1])
+    return result[0]
 
 
 def _cpu_group():
@@ -256,8 +339,11 @@ _CPU_GROUP = None
 
 def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_per_shard: int = 4096,
                 rank: int = 0, world_size: int = 1, progress: bool = True, mode: str = "kl",
-                max_kl: float = 1e-3, quantize: str = "none") -> dict:
+                max_kl: float = 1e-3, quantize: str = "none", start_over: bool = False) -> dict:
     """Run the teacher over the recipe's training data and write this task's missing shards.
+
+    The directory is bound to this build first (:func:`bind_cache_dir`; `start_over` moves a
+    directory of another build aside instead of refusing it).
 
     Every rank of the task calls it (`rank`, `world_size`: its place in the launched world, whose
     process group must exist when world_size > 1); see :class:`BuildLayout` for who does what.
@@ -299,8 +385,9 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
                                       "top-k KL <= max_kl" if mode == "kl" else "raw logits fp32 (bf16 when exact)"),
                            "rows": "positions with targets != -100"})
     num_total = (len(data) + samples_per_shard - 1) // samples_per_shard
+    manifest["build_sha256"] = _bind_on_rank0(cache_dir, manifest, start_over, layout)
     with contextlib.ExitStack() as locks:
-        shards = _plan(cache_dir, layout, num_total, locks)
+        shards = _plan(cache_dir, layout, num_total, locks, manifest["build_sha256"])
         if not shards:
             return manifest
         scorer = load_cache_teacher(recipe, layout, quantize, local_device(), vocab_size)
@@ -326,7 +413,7 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
             parts, _, stats = encode_shard(ids, vals, lse, mask, vocab_size, mode, max_kl, start, stop)
             for stale in cache_dir.glob(f".{shard_name(s)}.*.tmp*"):  # a killed writer's leftovers, never read
                 stale.unlink(missing_ok=True)
-            write_shard(cache_dir, s, start, stop, parts, stats)
+            write_shard(cache_dir, s, start, stop, parts, stats, (build_identity(manifest)[0], manifest["build_sha256"]))
             written += sum(len(p) for p in parts)
             rows += stats["rows"]
             worst = max(worst, stats["max_kl"])
@@ -365,7 +452,7 @@ def finalize_cache(cache_dir: str | Path, manifest: dict) -> bool:
     cache_dir = Path(cache_dir)
     per_shard = manifest["samples_per_shard"]
     num_total = (manifest["num_samples"] + per_shard - 1) // per_shard
-    if not all(shard_done(cache_dir, s) for s in range(num_total)):
+    if not all(shard_done(cache_dir, s, manifest.get("build_sha256")) for s in range(num_total)):
         return False
     sides = [json.loads(sidecar_path(cache_dir, s).read_text()) for s in range(num_total)]
     rows = sum(x["rows"] for x in sides)
