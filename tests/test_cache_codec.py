@@ -85,11 +85,44 @@ def test_kl_mode_meets_its_bound_on_every_row(max_kl, peak):
     order = np.argsort(ids, 1)
     exact = np.take_along_axis(z, order, 1) - lse[:, None]
     logp = got_z - got_lse[:, None]
-    kl = cc.topk_kl(exact, logp)
-    assert kl.max() <= max_kl * (1 + 1e-6)
+    kl, rkl = cc.topk_kl_both(exact, logp)
+    assert kl.max() <= max_kl * (1 + 1e-6) and rkl.max() <= max_kl * (1 + 1e-6)  # both directions
     np.testing.assert_allclose(kl, enc["stats"]["kl"], rtol=1e-4, atol=1e-10)  # what the encoder reports is what decodes
+    np.testing.assert_allclose(rkl, enc["stats"]["rkl"], rtol=1e-4, atol=1e-10)
     assert np.abs(exact.max(1) - logp.max(1)).max() < 1e-5  # the top value is exact
     assert np.array_equal(got_ids, np.take_along_axis(ids, order, 1))
+
+
+def wide_rows(n, k, vocab, seed):
+    """Teacher rows whose top-k logits spread uniformly over a 20-40 nat range below the max (span drawn per row):
+    the improbable tokens get coarse steps of nats, which the reverse KL KL(p~ || p) weighs more than the forward."""
+    rng = np.random.default_rng(seed)
+    span = rng.uniform(20, 40, (n, 1))
+    z = (-span * rng.random((n, k))).astype(np.float32)
+    z[:, 0] = 0.0
+    z += rng.normal(0, 3, (n, 1)).astype(np.float32)
+    ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)])
+    top = z.max(1, keepdims=True).astype(np.float64)
+    lse = (top[:, 0] + np.log(np.exp(z - top).sum(1)) + rng.uniform(0, 3, n)).astype(np.float32)  # mass beyond the top-k
+    return ids, z, lse
+
+
+@pytest.mark.parametrize("k,seed", [(64, 0), (64, 1), (64, 2), (128, 0), (128, 2)])
+def test_kl_mode_bounds_both_directions_on_wide_teachers(k, seed):
+    """max(KL(p || p~), KL(p~ || p)) <= max_kl on every row (forward-KL, reverse-KL and JSD students alike).
+    (Before the two-sided bound these rows met the forward bound but up to 1.2e-3 nats of reverse KL.)"""
+    max_kl = 1e-3
+    ids, z, lse = wide_rows(400, k, V_QWEN, seed)
+    enc, (got_ids, got_z, got_lse) = round_trip(ids, z, lse, V_QWEN, "kl", max_kl)
+    exact = np.take_along_axis(z, np.argsort(ids, 1), 1) - lse[:, None]
+    stored = got_z - got_lse[:, None]
+    fwd, rev = cc.topk_kl(exact, stored), cc.topk_kl(stored, exact)
+    assert rev.max() <= max_kl * (1 + 1e-6), f"reverse KL above the bound in {(rev > max_kl * (1 + 1e-6)).sum()} rows"
+    assert fwd.max() <= max_kl * (1 + 1e-6)
+    np.testing.assert_allclose(fwd, enc["stats"]["kl"], rtol=1e-4, atol=1e-10)  # what the encoder reports decodes
+    np.testing.assert_allclose(rev, enc["stats"]["rkl"], rtol=1e-4, atol=1e-10)
+    f2, r2 = cc.topk_kl_both(exact, stored)
+    assert np.array_equal(f2, fwd) and np.array_equal(r2, rev)
 
 
 def test_kl_mode_degenerate_rows():
@@ -333,6 +366,9 @@ def encoder_cases():
     out.append(("lossless-nonfinite", ids, z, lse, 3000, "lossless", 1e-3))
     ids, z, lse = hard_rows(rng, 12, 256, V_QWEN)  # k > 128: pairwise sums recurse
     out.append(("k256", ids, z, lse, V_QWEN, "kl", 1e-3))
+    for k in (64, 128):  # logits over 20-40 nats: rows that the reverse KL sends back to a retry
+        ids, z, lse = wide_rows(120, k, V_QWEN, seed=k)
+        out.append((f"wide-k{k}", ids, z, lse, V_QWEN, "kl", 1e-3))
     return out
 
 
@@ -365,6 +401,8 @@ def test_native_encoder_is_built():
     if os.environ.get("DD_ALLOW_NO_NATIVE") != "1":
         assert cc._codec_native is not None and hasattr(cc._codec_native, "encode"), \
             "the C cache encoder was not built: pip install -e . with a C compiler"
+        assert getattr(cc._codec_native, "ENCODER_VERSION", 1) == cc.NATIVE_ENCODER_VERSION, \
+            "the C cache encoder is stale (built before the two-sided KL bound): pip install -e ."
 
 
 needs_native_encoder = pytest.mark.skipif(cc._codec_native is None or not hasattr(cc._codec_native, "encode"),

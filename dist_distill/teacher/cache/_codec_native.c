@@ -181,13 +181,13 @@ done:
 /* ============================================================================================== */
 /*
  * encode(n, k, kl, id_full, vocab_size, max_kl, ids, z, lse,
- *        header_out, widths_out, len_a_out, len_b_out, kl_out, err_out, values_out)
+ *        header_out, widths_out, len_a_out, len_b_out, kl_out, rkl_out, err_out, values_out)
  *     -> (stream_a: bytearray, stream_b: bytearray, all_bf16: bool)
  *
  *   ids int64 [n, k], z float32 [n, k] (raw logits, value order), lse float32 [n]; outputs:
  *   header_out uint8 [n, 12] (kl: lse f32, m f32, scale f16, (b-1) | e << 4, H) or [n, 4] (lossless:
  *   lse f32); widths_out uint8 [n, ceil(nb / 2)] (id width nibbles); len_a_out, len_b_out int64 [n];
- *   kl_out, err_out float64 [n]; values_out float32 [n, k] (lossless: z in id order; kl: unused).
+ *   kl_out, rkl_out, err_out float64 [n] (forward KL, reverse KL, max error); values_out float32 [n, k] (lossless: z in id order; kl: unused).
  *   all_bf16: every value is a bf16 number (lossless; the caller then keeps the upper 16 bits).
  *
  * The numpy reference encoder (codec.encode_rows with native=False) works on whole batches, but
@@ -226,9 +226,10 @@ done:
  *         f_j = clip(rint((r_j / D - c_j) 2^e) + 2^e / 2, 0, 2^e - 1) (0 where not refined);
  *         float32: base = m + lse; v_j = base - c_j D; refined: v_j -= D (f_j 2^-e - 0.5);
  *         rec_j = v_j - lse.
- *      c. topk_kl, float64: y_j = rec_j - max rec; lq_j = y_j - log(0 + pairwise_sum(exp(y)));
- *         kl = max(0 + pairwise_sum(p_j (lp_j - lq_j)), 0).
- *      d. kl > max_kl: budget /= 4, next attempt; else done.
+ *      c. topk_kl_both, float64: y_j = rec_j - max rec; lq_j = y_j - log(0 + pairwise_sum(exp(y)));
+ *         kl = max(0 + pairwise_sum(p_j (lp_j - lq_j)), 0) (forward);
+ *         rkl = max(0 + pairwise_sum(exp(lq_j) (lq_j - lp_j)), 0) (reverse).
+ *      d. kl > max_kl or rkl > max_kl: budget /= 4, next attempt; else done.
  *      After 6 attempts above the bound: (8, 12, 255), reconstructed and measured as in b, c.
  *   9. max_abs_err = max_j |rec_j - logp_j| (float64).
  *  10. stream a: the id blocks at their widths, then nb blocks of c at width b; stream b: the f_j of
@@ -242,7 +243,8 @@ done:
  * budget, so they are built once per row (b = 2, 3, 4 in one pass) and reused by the retries and by
  * 8b; the b loop stops once k b >= the best bits (no later (b, e) can have strictly fewer); the mass
  * of the top level L is never used and not kept; head_mass is non-decreasing, so the count of 8a is
- * a binary search; values that are not refined have one rec per level, so 8c takes exp once per level.
+ * a binary search; values that are not refined have one rec per level, so 8c takes exp (of y and of lq)
+ * once per level.
  *
  * Exactness assumptions (tests/test_cache_codec.py compares this encoder with numpy's, bit for bit):
  * float64 exp and log are libm's (glibc) exp and log, which numpy also calls on x86-64 machines
@@ -261,6 +263,7 @@ done:
 #define PW_BLOCKSIZE 128  /* numpy's pairwise summation block */
 #define RANK_SORT_MAX 128 /* rows up to this k are sorted by counting ranks (branch-free), longer ones by merging */
 #define ENC_MAX_K 4096    /* as the decoder */
+#define ENCODER_VERSION 2 /* codec.NATIVE_ENCODER_VERSION: 2 = the two-sided bound (forward and reverse KL) */
 
 enum { ENC_OK = 0, ENC_NOMEM, ENC_ID_RANGE, ENC_DUPLICATE, ENC_NONFINITE };
 
@@ -539,10 +542,11 @@ static void reconstruct(Row *w, int b, int e, int h) {
     }
 }
 
-/* topk_kl(logp, rec) for one row coded with (b, e, H) (lp and p = exp(lp) precomputed; w->refined from
- * reconstruct). The values that are not refined take one of L + 1 values (rec depends on c only): their
- * exp is computed once per level present, the same number; each refined value gets its own. */
-static double row_kl(const Row *w, int b) {
+/* topk_kl_both(logp, rec) for one row coded with (b, e, H) (lp and p = exp(lp) precomputed; w->refined from
+ * reconstruct): the forward KL returned, the reverse one in *rkl. The values that are not refined take one
+ * of L + 1 values (rec depends on c only): their exp (of y, then of lq) is computed once per level present,
+ * the same number; each refined value gets its own. */
+static double row_kl(const Row *w, int b, double *rkl) {
     const int k = w->k, levels = (1 << b) - 1, nr = w->n_refined;
     const float *rec = w->rec;
     const uint8_t *c = w->c;
@@ -564,12 +568,22 @@ static double row_kl(const Row *w, int b) {
         tmp[j] = w->p[j] * (w->lp[j] - lq);
     }
     const double s = row_sum(tmp, k);
+    /* reverse: exp(lq_j) (lq_j - lp_j); lq depends on rec only, so once per level for the unrefined values */
+    for (int q = 0; q <= levels; q++) level_exp[q] = at[q] >= 0 ? exp(((double)rec[at[q]] - mx) - lz) : 0.0;
+    for (int j = 0; j < k; j++) {
+        const double lq = ((double)rec[j] - mx) - lz;
+        const double qj = at[c[j]] >= 0 ? level_exp[c[j]] : exp(lq); /* (at[c] < 0: c holds refined values only) */
+        tmp[j] = qj * (lq - w->lp[j]);
+    }
+    const double sr = row_sum(tmp, k);
+    *rkl = isnan(sr) ? sr : (sr > 0.0 ? sr : 0.0);
     return isnan(s) ? s : (s > 0.0 ? s : 0.0); /* np.maximum(s, 0.0) */
 }
 
 /* encode_values_kl for one row: the final (b, e, H), its reconstruction in w, the achieved KL and max error */
-static void encode_values_row(Row *w, double max_kl, int *ob, int *oe, int *oh, double *okl, double *oerr) {
-    double budget = max_kl, kl = 0.0;
+static void encode_values_row(Row *w, double max_kl, int *ob, int *oe, int *oh, double *okl, double *orkl,
+                              double *oerr) {
+    double budget = max_kl, kl = 0.0, rkl = 0.0;
     int b = 8, e = 12, h = 255, met = 0;
     for (int q = 0; q < 8; q++) w->level[q].ready = 0;
     for (int attempt = 0; attempt < ATTEMPTS; attempt++) {
@@ -579,8 +593,8 @@ static void encode_values_row(Row *w, double max_kl, int *ob, int *oe, int *oh, 
             h = 255;
         }
         reconstruct(w, b, e, h);
-        kl = row_kl(w, b);
-        if (!(kl > max_kl)) {
+        kl = row_kl(w, b, &rkl);
+        if (!(kl > max_kl) && !(rkl > max_kl)) { /* both directions (numpy: (kl > max_kl) | (rkl > max_kl)) */
             met = 1;
             break;
         }
@@ -591,7 +605,7 @@ static void encode_values_row(Row *w, double max_kl, int *ob, int *oe, int *oh, 
         e = 12;
         h = 255;
         reconstruct(w, b, e, h);
-        kl = row_kl(w, b);
+        kl = row_kl(w, b, &rkl);
     }
     double err = 0.0;
     for (int j = 0; j < w->k; j++) {
@@ -602,6 +616,7 @@ static void encode_values_row(Row *w, double max_kl, int *ob, int *oe, int *oh, 
     *oe = e;
     *oh = h;
     *okl = kl;
+    *orkl = rkl;
     *oerr = err;
 }
 
@@ -729,7 +744,7 @@ typedef struct {
     const float *z, *lse;
     uint8_t *header, *widths;
     int64_t *len_a, *len_b;
-    double *kl_out, *err_out;
+    double *kl_out, *rkl_out, *err_out;
     float *values;
     Bytes a, b;
     int all_bf16;
@@ -835,6 +850,7 @@ static int encode_batch(Job *job) {
             job->len_a[i] = id_bytes;
             job->len_b[i] = 0;
             job->kl_out[i] = 0.0;
+            job->rkl_out[i] = 0.0;
             job->err_out[i] = 0.0;
             continue;
         }
@@ -872,7 +888,7 @@ static int encode_batch(Job *job) {
         w.m = m;
         w.lse = lse;
         int b, e, h;
-        encode_values_row(&w, job->max_kl, &b, &e, &h, &job->kl_out[i], &job->err_out[i]);
+        encode_values_row(&w, job->max_kl, &b, &e, &h, &job->kl_out[i], &job->rkl_out[i], &job->err_out[i]);
         uint8_t *hd = job->header + i * HEADER_KL_BYTES;
         memcpy(hd, &lse, 4);
         memcpy(hd + 4, &m, 4);
@@ -917,9 +933,9 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     int k, kl, id_full;
     long long vocab;
     double max_kl;
-    Py_buffer ids, z, lse, header, widths, len_a, len_b, kl_out, err_out, values;
-    if (!PyArg_ParseTuple(args, "niiiLdy*y*y*w*w*w*w*w*w*w*", &n, &k, &kl, &id_full, &vocab, &max_kl, &ids, &z, &lse,
-                          &header, &widths, &len_a, &len_b, &kl_out, &err_out, &values))
+    Py_buffer ids, z, lse, header, widths, len_a, len_b, kl_out, rkl_out, err_out, values;
+    if (!PyArg_ParseTuple(args, "niiiLdy*y*y*w*w*w*w*w*w*w*w*", &n, &k, &kl, &id_full, &vocab, &max_kl, &ids, &z,
+                          &lse, &header, &widths, &len_a, &len_b, &kl_out, &rkl_out, &err_out, &values))
         return NULL;
     PyObject *result = NULL;
     Job job = {0};
@@ -939,11 +955,12 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     if (!check(&ids, n * k * 8, "ids") || !check(&z, n * k * 4, "z") || !check(&lse, n * 4, "lse") ||
         !check(&header, n * (kl ? HEADER_KL_BYTES : 4), "header_out") || !check(&widths, n * nb2, "widths_out") ||
         !check(&len_a, n * 8, "len_a_out") || !check(&len_b, n * 8, "len_b_out") || !check(&kl_out, n * 8, "kl_out") ||
-        !check(&err_out, n * 8, "err_out") || (!kl && !check(&values, n * k * 4, "values_out")) ||
+        !check(&rkl_out, n * 8, "rkl_out") || !check(&err_out, n * 8, "err_out") ||
+        (!kl && !check(&values, n * k * 4, "values_out")) ||
         !check_aligned(&ids, 8, "ids") || !check_aligned(&z, 4, "z") || !check_aligned(&lse, 4, "lse") ||
         !check_aligned(&len_a, 8, "len_a_out") || !check_aligned(&len_b, 8, "len_b_out") ||
-        !check_aligned(&kl_out, 8, "kl_out") || !check_aligned(&err_out, 8, "err_out") ||
-        !check_aligned(&values, 4, "values_out"))
+        !check_aligned(&kl_out, 8, "kl_out") || !check_aligned(&rkl_out, 8, "rkl_out") ||
+        !check_aligned(&err_out, 8, "err_out") || !check_aligned(&values, 4, "values_out"))
         goto done;
     job.n = n;
     job.k = k;
@@ -959,6 +976,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     job.len_a = len_a.buf;
     job.len_b = len_b.buf;
     job.kl_out = kl_out.buf;
+    job.rkl_out = rkl_out.buf;
     job.err_out = err_out.buf;
     job.values = values.buf;
     int status;
@@ -999,6 +1017,7 @@ done:
     PyBuffer_Release(&len_a);
     PyBuffer_Release(&len_b);
     PyBuffer_Release(&kl_out);
+    PyBuffer_Release(&rkl_out);
     PyBuffer_Release(&err_out);
     PyBuffer_Release(&values);
     return result;
@@ -1008,10 +1027,17 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, "Decode cache rows into ids int32 [n, k] and (mode kl) values f32 [n, k]."},
     {"encode", encode, METH_VARARGS,
      "Code rows (ids int64 [n, k], logits f32 [n, k], lse f32 [n]) into headers, id widths, row lengths and stats "
-     "(written into the given arrays); returns (stream_a, stream_b, all_bf16)."},
+     "(written into the given arrays: forward and reverse KL, max error); returns (stream_a, stream_b, all_bf16)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_codec_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__codec_native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__codec_native(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (mod && PyModule_AddIntConstant(mod, "ENCODER_VERSION", ENCODER_VERSION) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

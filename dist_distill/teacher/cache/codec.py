@@ -24,16 +24,23 @@ Values, mode "kl" (lossy, default): coarse levels plus refinement of the head
     of a finer grid inside their coarse cell: ``r~ = D * (c + f / 2^e - 1/2)``, f in [0, 2^e).
     The grids contain ``r = 0``, so the top value is exact (to float32 rounding).
     The encoder picks (b, e, H) per row to minimise bits under a quadratic estimate of the KL,
-    then reconstructs exactly as the decoder does and computes the EXACT
-    ``KL(p_topk || p~_topk)`` of the renormalised top-k distributions; rows above the bound
-    ``max_kl`` are re-coded with a tighter estimate (and finally at b=8, e=12). So every row
-    meets the bound by construction; the achieved KL and max |logp error| are reported.
+    then reconstructs exactly as the decoder does and computes BOTH directions EXACTLY:
+    ``KL(p_topk || p~_topk)`` and ``KL(p~_topk || p_topk)`` of the renormalised top-k
+    distributions (p exact, p~ stored). The bound is two-sided,
+    ``max(KL(p || p~), KL(p~ || p)) <= max_kl`` per row, for forward-KL, reverse-KL and JSD
+    students alike (the quadratic estimate is the same for both directions to second order;
+    where the third-order terms differ, improbable tokens off by nats, the exact check
+    catches it: with the forward check alone the reverse KL reached ~1.1e-3 at max_kl=1e-3 on
+    the benchmark's synthetic rows and 1.6e-3 on a teacher whose logits span 20-40 nats). Rows above the bound in
+    either direction are re-coded with a tighter estimate (and finally at b=8, e=12). So every
+    row meets the bound by construction; the achieved forward KL (``stats["kl"]``), reverse KL
+    (``stats["rkl"]``) and max |logp error| are reported.
     Coarse levels use the same 8-per-block packing (width b), refinement bits a second
     stream (blocks of 8 of width e; the decoder learns their count from the coarse levels).
     Header per row: lse f32, m f32, D f16, b|e (one byte), H (one byte) + id width nibbles.
     Measured at k=128 (synthetic Zipf-shaped logits, a in [1, 2.5]): ~4.0 coarse + ~0.7
-    refinement bits per value, ~75 B/row of values; max top-k KL 1e-3 (the bound), mean
-    ~7e-4; max |logp error| ~0.9 nats, on improbable tokens only. Totals per row at k=128:
+    refinement bits per value, ~75 B/row of values; max top-k KL 1e-3 (the bound) in both
+    directions, mean ~7e-4; max |logp error| ~0.9 nats, on improbable tokens only. Totals per row at k=128:
     287 B (uniform ids), 228 B (Zipf 1.0), 198 B (Zipf 1.2); DistillKit: ~330 B.
 
 Values, mode "lossless"
@@ -50,6 +57,8 @@ the same bytes as the numpy code here, bit for bit (the encoder's KL / error sta
 `encode_rows` and `decode_rows` use it when it is built (``native=False``: numpy). The numpy
 encoder is the reference: the C one repeats its float operations in its order, row by row
 (the C file lists them), ~0.2M rows/s per process at k=64 in mode kl against ~15k in numpy.
+An extension whose ``ENCODER_VERSION`` is not ``NATIVE_ENCODER_VERSION`` (one built before the
+two-sided bound) is not used for encoding: rebuild it (``pip install -e .``).
 
 All multi-byte numbers are little-endian.
 """
@@ -71,6 +80,7 @@ FULL_WIDTH_CODE = 15
 MAX_WIDTH = 25  # widest field: one unaligned 32-bit read holds it (ids: vocabularies up to 2^25)
 FLOOR = 100.0  # mode kl: log-probabilities are kept within FLOOR nats of the row's maximum
 NATIVE_MAX_K = 4096  # the C codec's largest k (rows of more values: the numpy encoder)
+NATIVE_ENCODER_VERSION = 2  # the C encoder's ENCODER_VERSION that codes as this module does (2: both KL directions)
 
 HEADER_KL = np.dtype([("lse", "<f4"), ("m", "<f4"), ("scale", "<f2"), ("be", "u1"), ("h", "u1")])
 HEADER_LOSSLESS = np.dtype([("lse", "<f4")])
@@ -298,9 +308,20 @@ def unpack_nibbles(packed: np.ndarray, nb: int) -> np.ndarray:
 
 def topk_kl(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
     """KL(p || q) in nats per row between the top-k distributions renormalised over the k ids (float64)."""
+    return topk_kl_both(logp, logq)[0]
+
+
+def topk_kl_both(logp: np.ndarray, logq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(KL(p || q), KL(q || p)) per row, top-k distributions renormalised over the k ids (float64).
+
+    The forward direction weighs the errors of the probable values, the reverse one those of the
+    values that q (the stored row) makes probable; mode kl bounds the larger of the two.
+    """
     lp = _log_softmax(logp.astype(np.float64))
     lq = _log_softmax(logq.astype(np.float64))
-    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
+    fwd = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
+    rev = np.maximum((np.exp(lq) * (lq - lp)).sum(axis=1), 0.0)
+    return fwd, rev
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -388,7 +409,8 @@ def _reconstruct(logp, lse, b, e, h):
 
 
 def encode_values_kl(logp: np.ndarray, lse: np.ndarray, max_kl: float):
-    """Choose (b, e, H) per row under the exact KL bound; returns the quantised fields and the achieved KL / max error."""
+    """Choose (b, e, H) per row under the exact bound max(KL(p || p~), KL(p~ || p)) <= max_kl; returns the
+    quantised fields and the achieved KLs (forward "kl", reverse "rkl") and max error."""
     n, k = logp.shape
     logp = logp.astype(np.float32)
     m = logp.max(axis=1)
@@ -407,18 +429,18 @@ def encode_values_kl(logp: np.ndarray, lse: np.ndarray, max_kl: float):
         bb, ee, hh = np.where(ok, bb, 8), np.where(ok, ee, 12), np.where(ok, hh, 255)
         b[todo], e[todo], h[todo] = bb, ee, hh
         rec = _reconstruct(logp[todo], lse[todo], bb, ee, hh)[0]
-        kl_t = topk_kl(logp[todo], rec)
+        kl_t, rkl_t = topk_kl_both(logp[todo], rec)
         kl[todo] = kl_t
-        bad = kl_t > max_kl
+        bad = (kl_t > max_kl) | (rkl_t > max_kl)  # both directions
         budget[todo[bad]] /= 4.0
         todo = todo[bad]
     if len(todo):  # last resort: the finest code (b=8, e=12); its error is far below any sane bound
         b[todo], e[todo], h[todo] = 8, 12, 255
     rec, (m, scale, c, refined, f) = _reconstruct(logp, lse, b, e, h)
-    kl = topk_kl(logp, rec)
+    kl, rkl = topk_kl_both(logp, rec)
     err = np.abs(rec.astype(np.float64) - logp.astype(np.float64)).max(axis=1) if k else np.zeros(n)
     return {"m": m, "scale": scale, "b": b, "e": e, "h": h, "coarse": c, "refined": refined, "fine": f,
-            "kl": kl, "max_abs_err": err}
+            "kl": kl, "rkl": rkl, "max_abs_err": err}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +475,7 @@ def encode_rows(ids: np.ndarray, values: np.ndarray, lse: np.ndarray, vocab_size
         header["lse"] = lse
         out.update(header=header, stream_a=pack_blocks(gaps.reshape(n * nb, BLOCK), id_w.reshape(-1)),
                    len_a=id_w.sum(axis=1), stream_b=np.zeros(0, np.uint8), len_b=np.zeros(n, np.int64),
-                   stats={"kl": np.zeros(n), "max_abs_err": np.zeros(n)})
+                   stats={"kl": np.zeros(n), "rkl": np.zeros(n), "max_abs_err": np.zeros(n)})
         return out
     if mode != "kl":
         raise ValueError(f"unknown cache mode {mode!r}; expected one of {MODES}")
@@ -483,14 +505,16 @@ def encode_rows(ids: np.ndarray, values: np.ndarray, lse: np.ndarray, vocab_size
     padded[slot] = fine_vals
     stream_b = pack_blocks(padded.reshape(-1, BLOCK), np.repeat(q["e"], nblk))
     out.update(header=header, stream_a=stream_a, len_a=len_a, stream_b=stream_b, len_b=nblk * q["e"],
-               value_dtype="kl", stats={"kl": q["kl"], "max_abs_err": q["max_abs_err"]})
+               value_dtype="kl", stats={"kl": q["kl"], "rkl": q["rkl"], "max_abs_err": q["max_abs_err"]})
     return out
 
 
 def _native_encoder_takes(ids, values, lse, vocab_size, mode) -> bool:
     """Whether the C encoder codes these rows (else the numpy reference runs, and raises what it raises)."""
-    if _codec_native is None or not hasattr(_codec_native, "encode") or mode not in MODES:
-        return False  # (an extension built before the encoder existed has only `decode`)
+    if (_codec_native is None or not hasattr(_codec_native, "encode") or mode not in MODES
+            or getattr(_codec_native, "ENCODER_VERSION", 1) != NATIVE_ENCODER_VERSION):
+        return False  # (an extension built before the encoder existed has only `decode`; one built before
+        # the two-sided bound, ENCODER_VERSION 2, bounds the forward KL only: the numpy encoder runs)
     if not all(isinstance(a, np.ndarray) for a in (ids, values, lse)) or ids.ndim != 2:
         return False
     n, k = ids.shape
@@ -507,12 +531,12 @@ def _encode_native(ids, values, lse, vocab_size, mode, max_kl) -> dict:
     header = np.zeros(n, HEADER_KL if kl else HEADER_LOSSLESS)
     widths = np.zeros((n, (nb + 1) // 2), dtype=np.uint8)
     len_a, len_b = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    kl_out, err = np.zeros(n), np.zeros(n)
+    kl_out, rkl_out, err = np.zeros(n), np.zeros(n), np.zeros(n)
     z = np.zeros((0 if kl else n, k), dtype=np.float32)
     sa, sb, bf16 = _codec_native.encode(
         n, k, int(kl), id_width(vocab_size), int(vocab_size), float(max_kl),
         np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(values, dtype=np.float32), lse,
-        header.view(np.uint8), widths, len_a, len_b, kl_out, err, z)
+        header.view(np.uint8), widths, len_a, len_b, kl_out, rkl_out, err, z)
     out = {"widths": widths}  # the keys in the order of the numpy encoder's
     if not kl:
         out["value_dtype"] = "bf16" if bf16 else "f32"
@@ -521,7 +545,7 @@ def _encode_native(ids, values, lse, vocab_size, mode, max_kl) -> dict:
                stream_b=np.frombuffer(sb, dtype=np.uint8), len_b=len_b)
     if kl:
         out["value_dtype"] = "kl"
-    out["stats"] = {"kl": kl_out, "max_abs_err": err}
+    out["stats"] = {"kl": kl_out, "rkl": rkl_out, "max_abs_err": err}
     return out
 
 

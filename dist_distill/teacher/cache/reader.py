@@ -282,7 +282,8 @@ def info_text(cache_dir: str | Path) -> str:
             f"bytes/token={size / rows:.1f}  (all files: {size} bytes)\n"
             f"vs dense bf16 logits ({dense} bytes/token): {dense * rows / size:.1f}x smaller\n"
             f"vs raw top-k bf16 values + int32 ids + fp32 lse ({raw} bytes/token): {raw * rows / size:.2f}x smaller\n"
-            f"measured error: max top-k KL {err.get('max_topk_kl', 0):.3g} nats (mean {err.get('mean_topk_kl', 0):.3g}), "
+            f"measured error: max top-k KL {err.get('max_topk_kl', 0):.3g} nats (mean {err.get('mean_topk_kl', 0):.3g}; "
+            f"reverse direction max {err.get('max_topk_reverse_kl', 0):.3g}), "
             f"max |log-prob error| {err.get('max_abs_logp_err', 0):.3g}")
 
 

@@ -54,8 +54,10 @@ def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float
             "vocab_size": vocab_size, "id_space": id_space}
     parts, header = serialise_shard(sections, meta)
     kl, err = enc["stats"]["kl"], enc["stats"]["max_abs_err"]
+    rkl = enc["stats"].get("rkl", np.zeros(0))
     stats = {"rows": int(len(ids)), "max_kl": float(kl.max()) if len(kl) else 0.0,
              "mean_kl": float(kl.mean()) if len(kl) else 0.0,
+             "max_rkl": float(rkl.max()) if len(rkl) else 0.0,
              "max_abs_logp_err": float(err.max()) if len(err) else 0.0,
              "mean_max_abs_logp_err": float(err.mean()) if len(err) else 0.0}
     return parts, header, stats
@@ -381,8 +383,9 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
                     codec={"mode": mode, "max_kl": max_kl if mode == "kl" else 0.0, "block": codec.BLOCK,
                            "ids": "ascending (token ids, or per-shard frequency ranks when smaller), gap-coded, "
                                   "bit-packed in blocks of 8 at the block's width",
-                           "values": ("per-row coarse b-bit levels + e-bit refinement of the head, exact "
-                                      "top-k KL <= max_kl" if mode == "kl" else "raw logits fp32 (bf16 when exact)"),
+                           "values": ("per-row coarse b-bit levels + e-bit refinement of the head, exact top-k KL "
+                                      "in both directions: max(KL(p || p~), KL(p~ || p)) <= max_kl (p exact, p~ stored)"
+                                      if mode == "kl" else "raw logits fp32 (bf16 when exact)"),
                            "rows": "positions with targets != -100"})
     num_total = (len(data) + samples_per_shard - 1) // samples_per_shard
     manifest["build_sha256"] = _bind_on_rank0(cache_dir, manifest, start_over, layout)
@@ -460,6 +463,7 @@ def finalize_cache(cache_dir: str | Path, manifest: dict) -> bool:
         {key: x[key] for key in ("file", "start", "stop", "bytes", "sha256", "rows")} for x in sides])
     manifest["error"] = {
         "max_topk_kl": max((x["max_kl"] for x in sides), default=0.0),
+        "max_topk_reverse_kl": max((x.get("max_rkl", 0.0) for x in sides), default=0.0),
         "mean_topk_kl": sum(x["mean_kl"] * x["rows"] for x in sides) / max(rows, 1),
         "max_abs_logp_err": max((x["max_abs_logp_err"] for x in sides), default=0.0),
         "mean_max_abs_logp_err": sum(x["mean_max_abs_logp_err"] * x["rows"] for x in sides) / max(rows, 1)}
