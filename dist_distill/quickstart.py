@@ -47,7 +47,7 @@ def stages(out: str, nproc: int) -> list[tuple[str, list[str]]]:
          torchrun(nproc, "dist_distill.train", "configs/tiny/teacher.yaml", *teacher, *paths("teacher"))),
         ("build the teacher top-k cache over the students' data",
          torchrun(nproc, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *distill,
-                  "--samples-per-shard", "256")),
+                  "--samples-per-shard", "256", "--start-over")),  # a re-run's retrained teacher: a new cache
         ("train the student on hard labels only (baseline)",
          torchrun(nproc, "dist_distill.train", "configs/tiny/student_hard.yaml", *student, *paths("student_hard"))),
         ("distill the student from the teacher cache (ZeRO-3)",
