@@ -97,7 +97,28 @@ class TeacherServer:
         t0 = time.perf_counter()
         first = self.start_step()
         idle = time.perf_counter() - t0
-        d = self.data
+        try:
+            self._serve_steps(first, log, idle)
+        except RuntimeError:
+            if self.leader:  # a TP peer died: still deliver what was scored, so the students get as far as possible
+                self.deliver_pending(timedelta(seconds=r.teacher_source.timeout_s))
+            raise
+        if self.leader:
+            self.wait_until(0)
+            log.close()
+
+    def deliver_pending(self, timeout: timedelta) -> None:
+        """After a failure: wait (each message up to `timeout`) until the students took the messages
+        already sent; stop at the first that does not go through."""
+        for *_, works, _ in self.pending:
+            for w in works:
+                try:
+                    w.wait(timeout)
+                except RuntimeError:
+                    return
+
+    def _serve_steps(self, first: int, log, idle: float) -> None:
+        r, d = self.r, self.data
         for step in range(first, r.optim.max_steps):
             teacher_fault(self.roles.rank, self.roles.num_teachers, step + 1)  # 1-based, as in metrics.jsonl
             busy, rows = 0.0, 0
@@ -114,9 +135,6 @@ class TeacherServer:
                 log.write(json.dumps({"step": step + 1, "busy_s": busy, "idle_s": idle, "rows": rows}) + "\n")
                 log.flush()
             idle = 0.0
-        if self.leader:
-            self.wait_until(0)
-            log.close()
 
 
 @dataclass
