@@ -21,18 +21,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-MMAP_THRESHOLD = 1 << 20
-
-
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/memory.py, also under PYTHONSAFEPATH=1
+from memory import MMAP_THRESHOLD, rss_mib  # noqa: E402
 
 
 def make_model(vocab: int):
@@ -63,12 +57,12 @@ def worker(method: str, vocab: int, tokens: int, seq_len: int, k: int, chunk_mib
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
     mask = torch.ones_like(ids)
     targets = ids.clone()  # every position is a target: the cache's worst case
-    base = _rss_mib("VmRSS")
+    base = rss_mib("VmRSS")
     if method == "old":
         out = old_path(model, ids, mask, k, vocab)
     else:
         out = TeacherScorer(model, vocab, k, chunk_bytes=chunk_mib << 20).score(ids, mask, targets)
-    peak = _rss_mib("VmHWM") - base
+    peak = rss_mib("VmHWM") - base
     return {"method": method, "tokens": batch * seq_len, "peak_mib": peak,
             "ids": out[0][:64].tolist(), "logits": out[1][:64].tolist(), "lse": out[2][:64].tolist()}
 

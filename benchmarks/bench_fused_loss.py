@@ -29,22 +29,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/memory.py, also under PYTHONSAFEPATH=1
+from memory import MMAP_THRESHOLD, rss_mib  # noqa: E402
+
 T, CE_WEIGHT = 2.0, 0.5
-MMAP_THRESHOLD = 2**20
 METHODS = ["eager", "ours", "liger", "liger-nocompile"]
-
-
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
@@ -105,7 +100,7 @@ def run_one(method, n, h, v, dtype, device, reps):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_mib("VmRSS")
+        base = rss_mib("VmRSS")
     times = []
     for i in range(reps + 1):
         t0 = time.perf_counter()
@@ -114,7 +109,7 @@ def run_one(method, n, h, v, dtype, device, reps):
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _rss_mib("VmHWM") - base
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else rss_mib("VmHWM") - base
     return {"method": method, "n": n, "time_s": sum(times) / len(times), "peak_mib": peak, "base_mib": base}
 
 

@@ -17,19 +17,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import torch
 
-MMAP_THRESHOLD = 1 << 20
-
-
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/memory.py, also under PYTHONSAFEPATH=1
+from memory import MMAP_THRESHOLD, rss_mib  # noqa: E402
 
 
 def worker(args, checkpointing: bool) -> dict:
@@ -49,13 +43,13 @@ def worker(args, checkpointing: bool) -> dict:
         enable_activation_checkpointing(model)
     module = DistillationModule(model, LossSpec(ce_weight=1.0), args.vocab)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
-    base = _rss_mib("VmRSS")
+    base = rss_mib("VmRSS")
     t0 = time.perf_counter()
     loss, _ = module(ids, torch.ones_like(ids), ids)
     loss.backward()
     took = time.perf_counter() - t0
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in module.parameters() if p.grad is not None))
-    return {"peak_mib": _rss_mib("VmHWM") - base, "seconds": took, "loss": loss.item(), "grad_norm": grad_norm.item()}
+    return {"peak_mib": rss_mib("VmHWM") - base, "seconds": took, "loss": loss.item(), "grad_norm": grad_norm.item()}
 
 
 def main() -> None:
