@@ -273,15 +273,17 @@ def load_cache_teacher(recipe, layout: BuildLayout, quantize: str, device: torch
     return scorer
 
 
-def score_rows(scorer, data, batches: list[tuple[int, int]], bar=None, bar_scale: int = 1) -> torch.Tensor:
+def score_rows(scorer, data, batches: list[tuple[int, int]], bar=None, bar_scale: int = 1) -> tuple[torch.Tensor, int]:
     """The scorer's rows for the samples of `batches`, in order, as one CPU float32 [R, 2k + 1]
-    (signal.pack_rows: raw logits | ids as int32 bits | lse)."""
-    parts = []
+    (signal.pack_rows: raw logits | ids as int32 bits | lse), and the tokens scored."""
+    parts, tokens = [], 0
     for i, j in batches:
         parts.append(pack_rows(*scorer.score(data.input_ids[i:j], data.attention_mask[i:j], data.targets[i:j])).cpu())
+        n = int(data.attention_mask[i:j].sum())
+        tokens += n
         if bar is not None:
-            bar.update(int(data.attention_mask[i:j].sum()) * bar_scale)
-    return torch.cat(parts) if parts else torch.zeros(0, 2 * scorer.k + 1)
+            bar.update(n * bar_scale)
+    return (torch.cat(parts) if parts else torch.zeros(0, 2 * scorer.k + 1)), tokens
 
 
 def _plan(cache_dir: Path, layout: BuildLayout, num_total: int, stack: contextlib.ExitStack, build_sha: str) -> list[int]:
@@ -389,6 +391,7 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
                            "rows": "positions with targets != -100"})
     num_total = (len(data) + samples_per_shard - 1) // samples_per_shard
     manifest["build_sha256"] = _bind_on_rank0(cache_dir, manifest, start_over, layout)
+    build = (build_identity(manifest)[0], manifest["build_sha256"])  # recorded in every sidecar
     with contextlib.ExitStack() as locks:
         shards = _plan(cache_dir, layout, num_total, locks, manifest["build_sha256"])
         if not shards:
@@ -401,9 +404,8 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
                    disable=not progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens "
                                                     "[{elapsed}<{remaining}, {rate_fmt}]")
         for s, start, stop in spans:
-            batches = layout.my_batches(start, stop, ts.batch_size)
-            piece = score_rows(scorer, data, batches, bar, layout.dp_size)
-            scored += sum(int(data.attention_mask[i:j].sum()) for i, j in batches)
+            piece, n_scored = score_rows(scorer, data, layout.my_batches(start, stop, ts.batch_size), bar, layout.dp_size)
+            scored += n_scored
             writer = layout.writer_of(s)
             if not layout.leader:
                 continue
@@ -416,7 +418,7 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
             parts, _, stats = encode_shard(ids, vals, lse, mask, vocab_size, mode, max_kl, start, stop)
             for stale in cache_dir.glob(f".{shard_name(s)}.*.tmp*"):  # a killed writer's leftovers, never read
                 stale.unlink(missing_ok=True)
-            write_shard(cache_dir, s, start, stop, parts, stats, (build_identity(manifest)[0], manifest["build_sha256"]))
+            write_shard(cache_dir, s, start, stop, parts, stats, build)
             written += sum(len(p) for p in parts)
             rows += stats["rows"]
             worst = max(worst, stats["max_kl"])
