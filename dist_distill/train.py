@@ -20,6 +20,7 @@ import torch
 
 from dist_distill.errors import UserError, run_cli
 from dist_distill.recipe import describe_recipe, load_recipe
+from dist_distill.training.preemption import REQUEUE_EXIT_CODE, Preempted
 from dist_distill.training.trainer import Trainer, is_communication_failure
 
 
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in output.dir/checkpoints")
     parser.add_argument("--help-recipe", action="store_true", help="list every recipe key with its meaning and exit")
+    parser.add_argument("--exit-duration-mins", type=float, default=None,
+                        help="wall-clock budget of this run in minutes: commit a checkpoint and exit with the requeue "
+                             "code (75) before the next step would pass it (slurm/train.sbatch sets it below --time)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; not needed with torchrun")
     args = parser.parse_args(argv)
@@ -59,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from dist_distill.training.distributed import ensure_single_process_env
 
     ensure_single_process_env()
-    trainer = Trainer(recipe)
+    if args.exit_duration_mins is not None and args.exit_duration_mins <= 0:
+        raise UserError(f"--exit-duration-mins={args.exit_duration_mins}: must be > 0 (minutes)")
+    trainer = Trainer(recipe, None if args.exit_duration_mins is None else args.exit_duration_mins * 60)
     try:
         trainer.setup()
         if args.resume and trainer.load_checkpoint() and trainer.rank == 0:
@@ -69,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             target = trainer.export()
             if trainer.rank == 0:
                 print(f"student exported to {target}")
+    except Preempted as stop:  # checkpoint committed on every rank: exit for the requeue
+        if trainer.rank == 0:
+            print(f"preempted: {stop}", flush=True)
+        trainer.cleanup()
+        return REQUEUE_EXIT_CODE
     except RuntimeError as err:
         if not is_communication_failure(err):
             raise

@@ -27,6 +27,7 @@ from dist_distill.errors import UserError
 from dist_distill.recipe import Recipe
 from dist_distill.training import checkpoint
 from dist_distill.training.faults import FaultPlan
+from dist_distill.training.preemption import Preempted, PreemptionGuard, write_requeue_file
 
 
 def seed_everything(seed: int) -> None:
@@ -38,8 +39,9 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Owns the engine, data, teacher signal and outputs of one training run."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, exit_duration_s: float | None = None):
         self.recipe = recipe
+        self.exit_duration_s = exit_duration_s  # wall-clock budget of this process (training.preemption)
         self.out = Path(recipe.output.dir)
         self.step = 0
         self.skips = None
@@ -63,6 +65,7 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=r.deepspeed.startup_timeout_s))
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.faults = FaultPlan.from_env(self.rank)
+        self.preemption = PreemptionGuard(self.exit_duration_s)  # SIGUSR1/SIGTERM only set a flag
         seed_everything(r.seed + self.rank)
         self.tokenizer = load_tokenizer(r.student, "student")
         self.data = load_tokenized(r.data.train, self.tokenizer, r.data, r.data.max_samples)
@@ -237,8 +240,16 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 self.log.write(record)
-            if r.output.save_every and self.step % r.output.save_every == 0 and self.step < r.optim.max_steps:
+            saved = r.output.save_every and self.step % r.output.save_every == 0 and self.step < r.optim.max_steps
+            if saved:
                 self.save_checkpoint()
+            reason = self.preemption.should_stop(self.device)  # every rank, every step: one agreement
+            if reason is not None and self.step < r.optim.max_steps:
+                bar.close()
+                if not saved:
+                    self.save_checkpoint()
+                write_requeue_file(self.step, reason)
+                raise Preempted(self.step, reason)
         bar.close()
         self.save_checkpoint()
 
