@@ -211,6 +211,23 @@ class OutputSpec:
     export_8bit: bool = False
     """Also write a bitsandbytes LLM.int8 copy in `dir`/model-8bit (needs export), with its measured
     memory and logit error in quantization.json."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations on data.eval during training (0: none; the last step is always
+    evaluated when > 0): held-out loss, KL to the teacher, top-1 agreement (training.periodic_eval), logged
+    as TensorBoard eval/* scalars and `dir`/eval.jsonl."""
+    eval_samples: Optional[int] = 256
+    """Held-out samples scored at each evaluation (the first N of data.eval; None: all)."""
+    eval_metrics: list[Literal["heldout_loss", "kl_teacher", "top1_agreement"]] = field(
+        default_factory=lambda: ["heldout_loss", "kl_teacher", "top1_agreement"])
+    """What each evaluation measures (heldout_loss always runs; the teacher ones need a teacher source)."""
+    eval_teacher_cache: Optional[str] = None
+    """A teacher cache built over data.eval (dd-cache build --set data.train=<data.eval> --set
+    teacher_source.cache_dir=<dir>): KL to a cache teacher on held-out data. Without it, kind=cache runs
+    measure KL on the first eval_samples training samples (tags eval/train_*)."""
+    best_metric: Literal["heldout_loss", "kl_teacher", "top1_agreement", "none"] = "heldout_loss"
+    """The evaluation metric that picks the best checkpoint, marked in checkpoints/best.json and kept from
+    keep_last pruning (top1_agreement: higher is better; the others lower)."""
+
 
 
 @dataclass
@@ -304,12 +321,31 @@ class Recipe:
         _check(self.output.log_every >= 1, f"output.log_every={self.output.log_every}: must be >= 1")
         _check(self.output.save_every >= 0, f"output.save_every={self.output.save_every}: must be >= 0")
         _check(self.output.keep_last >= 0, f"output.keep_last={self.output.keep_last}: must be >= 0")
+        self._check_eval()
         _check(self.output.export or not self.output.export_8bit,
                "output.export_8bit=true needs output.export=true (the 8-bit copy is made from the exported model)")
         _check(op.max_consecutive_skips >= 1, f"optim.max_consecutive_skips={op.max_consecutive_skips}: must be >= 1")
         _check(self.deepspeed.startup_timeout_s > 0 and self.deepspeed.timeout_s > 0,
                "deepspeed.startup_timeout_s and deepspeed.timeout_s must be > 0")
         return self
+
+    def _check_eval(self) -> None:
+        """The evaluation-during-training keys (output.eval_*, output.best_metric) agree with each other."""
+        out = self.output
+        _check(out.eval_every >= 0, f"output.eval_every={out.eval_every}: must be >= 0 (0: no evaluation)")
+        if out.eval_every == 0:
+            return
+        _check(self.data.eval is not None, f"output.eval_every={out.eval_every} needs held-out data: set data.eval")
+        _check(out.eval_samples is None or out.eval_samples >= 1,
+               f"output.eval_samples={out.eval_samples}: must be >= 1 or null (all of data.eval)")
+        _check(out.best_metric in ("none", "heldout_loss") or out.best_metric in out.eval_metrics,
+               f"output.best_metric={out.best_metric} is not measured: add it to output.eval_metrics "
+               f"({out.eval_metrics}) or choose heldout_loss / none")
+        _check(out.best_metric not in ("kl_teacher", "top1_agreement") or self.teacher_source.kind in ("cache", "colocated"),
+               f"output.best_metric={out.best_metric} needs a teacher during evaluation: teacher_source.kind=cache or "
+               f"colocated (got {self.teacher_source.kind})")
+        _check(out.eval_teacher_cache is None or self.teacher_source.kind == "cache",
+               f"output.eval_teacher_cache is set but teacher_source.kind={self.teacher_source.kind}: it serves kind=cache")
 
     def uses_term(self, term: str) -> bool:
         """Whether loss term `term` ("output", "hidden", "attention") has a weight > 0 at any step."""

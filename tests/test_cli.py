@@ -68,15 +68,18 @@ def test_cache_missing(tiny_world, tmp_path):
 def test_evaluate_writes_table_and_json(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.evaluate", "--model", f"teacher={tiny_world}/teacher_init",
                       "--model", f"student={tiny_world}/student_init", "--data", f"{tiny_world}/data/heldout.jsonl",
+                      "--metrics", "exact_match,perplexity,latency,memory,params", "--latency-prompts", "2",
                       "--reference", "teacher", "--out", str(tmp_path), timeout=300)
-    assert "| model | held-out acc | ppl | params | latency ms/tok | weights MiB | retention % |" in proc.stdout
-    records = json.loads((tmp_path / "results.json").read_text())
+    assert ("| model | exact match | retention % | ppl | params | weights MiB | peak MiB | prefill ms/tok | "
+            "decode ms/tok |") in proc.stdout
+    records = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["model"] for r in records] == ["teacher", "student"]
     for r in records:
-        assert set(r) >= {"accuracy", "perplexity", "params", "latency_ms_per_token", "memory_mib", "retention_pct"}
-        assert 0 <= r["accuracy"] <= 1 and r["perplexity"] > 1 and r["latency_ms_per_token"] > 0
+        assert set(r) >= {"exact_match", "perplexity", "params", "prefill_ms_per_token", "decode_ms_per_token",
+                          "weights_mib", "peak_memory_mib"}
+        assert 0 <= r["exact_match"] <= 1 and r["perplexity"] > 1 and r["decode_ms_per_token"] > 0
     assert records[0]["params"] > records[1]["params"]
-    assert records[1]["memory_mib"] == pytest.approx(records[1]["params"] * 4 / 2**20, rel=0.01)  # + buffers
+    assert records[1]["weights_mib"] == pytest.approx(records[1]["params"] * 4 / 2**20, rel=0.01)  # + buffers
     assert (tmp_path / "report.md").read_text().startswith("# Held-out evaluation")
 
 

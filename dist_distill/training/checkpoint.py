@@ -106,6 +106,18 @@ def commit(directory: Path, info: dict) -> None:
     write_atomic(directory / COMMIT_MARKER, json.dumps(info, indent=2) + "\n")
 
 
+BEST_FILE = "best.json"
+
+
+def best_tag(root: str | Path) -> str | None:
+    """The checkpoint tag (step-N) that ``root/best.json`` names (training.periodic_eval), or None."""
+    path = Path(root) / BEST_FILE
+    try:
+        return json.loads(path.read_text())["checkpoint"] if path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def prune(root: str | Path, keep_last: int = 0) -> list[Path]:
     """Remove partial checkpoints (no commit marker) and, with keep_last > 0, all but the newest
     `keep_last` committed ones. Call only while no save is in progress. Returns what was removed."""
@@ -113,7 +125,8 @@ def prune(root: str | Path, keep_last: int = 0) -> list[Path]:
     doomed = [p for _, p, ok in entries if not ok]
     committed = [p for _, p, ok in entries if ok]
     if keep_last > 0:
-        doomed += committed[:-keep_last]
+        best = best_tag(root)  # the best evaluation's checkpoint (training.periodic_eval) is kept
+        doomed += [p for p in committed[:-keep_last] if p.name != best]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

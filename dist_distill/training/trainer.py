@@ -81,6 +81,9 @@ class Trainer:
 
             r.save(self.out / "recipe.yaml")
             self.log = MetricsLog(self.out, r.output.log_every, r.optim.max_steps)
+        from dist_distill.training.periodic_eval import build_periodic_eval
+
+        self.evaluator = build_periodic_eval(self)  # None unless output.eval_every > 0
 
     def _build_engine(self):
         """The student inside a DistillationModule under DeepSpeed; with ZeRO-3 it is built inside
@@ -243,6 +246,8 @@ class Trainer:
             saved = r.output.save_every and self.step % r.output.save_every == 0 and self.step < r.optim.max_steps
             if saved:
                 self.save_checkpoint()
+            if self.evaluator is not None:  # held-out metrics and the best checkpoint (training.periodic_eval)
+                self.evaluator.after_step(self)
             reason = self.preemption.should_stop(self.device)  # every rank, every step: one agreement
             if reason is not None and self.step < r.optim.max_steps:
                 bar.close()
