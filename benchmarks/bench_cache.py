@@ -154,13 +154,17 @@ def bench_rows(ids, z, lse, vocab, label, mode, args, rng, tmp: Path) -> dict:
     ids_model = label.replace(" ", "-")
     mask = np.ones((n_samples, args.seq_len), dtype=bool)
     t = time.process_time()
-    parts, _, stats = cache_mod.encode_shard(ids, z, lse, mask, vocab, mode, args.max_kl)
+    # the tail mass at T=1 from the synthetic rows' own lse (4 bytes per row, whatever its value)
+    top_mass = np.logaddexp.reduce(z.astype(np.float64) - lse.astype(np.float64)[:, None], axis=1)
+    tails = np.log(np.maximum(-np.expm1(np.minimum(top_mass, 0.0)), 1e-38))[:, None].astype(np.float32)
+    parts, _, stats = cache_mod.encode_shard(ids, z, lse, tails, mask, vocab, mode, args.max_kl)
     write_s = time.process_time() - t
     cache_dir = tmp / f"{ids_model}-{k}-{mode}"
     cache_dir.mkdir(parents=True)
     cache_mod.write_shard(cache_dir, 0, 0, n_samples, parts, stats)
     manifest = {"format": cache_mod.FORMAT, "k": k, "seq_len": args.seq_len, "vocab_size": vocab,
-                "num_samples": n_samples, "samples_per_shard": n_samples, "codec": {"mode": mode}}
+                "num_samples": n_samples, "samples_per_shard": n_samples, "codec": {"mode": mode},
+                "tail_temperatures": [1.0]}
     cache_mod.finalize_cache(cache_dir, manifest)
     cache = cache_reader.TeacherCache(cache_dir)
     size = cache.manifest["shards"][0]["bytes"]
@@ -177,7 +181,7 @@ def bench_rows(ids, z, lse, vocab, label, mode, args, rng, tmp: Path) -> dict:
     per_read = args.batch * args.seq_len
     # error measured on what a reader gets back, against the exact rows
     sample = np.arange(min(n_samples, 16))
-    got_ids, got_z, got_lse, _ = cache.rows(sample)
+    got_ids, got_z, got_lse, _, _ = cache.rows(sample)
     by_id = np.argsort(got_ids, axis=1)  # the reader returns rows in storage order
     got_ids, got_z = np.take_along_axis(got_ids, by_id, 1), np.take_along_axis(got_z, by_id, 1)
     n_check = len(got_ids)

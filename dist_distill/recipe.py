@@ -90,6 +90,10 @@ class TeacherSourceSpec:
     scored; a larger window absorbs jitter, each in-flight message holds [rows, 2k+1] floats)."""
     timeout_s: float = 300.0
     """kind=group: seconds a student waits for its teacher's signal before exiting with an error."""
+    tail_temperatures: list[float] = field(default_factory=list)
+    """Extra temperatures at which `dd-cache build` (and a kind=group teacher) compute the teacher's exact
+    tail mass outside its top-k, besides 1 and loss.temperature(_end) (teacher.tails): what loss.tail=bucket
+    reads; a cache built with them serves recipes at those temperatures too."""
 
 
 @dataclass
@@ -286,6 +290,12 @@ class Recipe:
             _check(self.teacher.name_or_path != "", "teacher_source.kind=colocated needs teacher.name_or_path")
         _check(lo.chunk_mib > 0, f"loss.chunk_mib={lo.chunk_mib}: must be > 0")
         Ramp(lo.temperature, lo.temperature_end, lo.temperature_shape).check("loss.temperature", positive=True)
+        _check(all(t > 0 for t in ts.tail_temperatures),
+               f"teacher_source.tail_temperatures={ts.tail_temperatures}: every temperature must be > 0")
+        if ts.kind in ("cache", "group"):
+            from dist_distill.teacher.tails import check_bucket_recipe
+
+            check_bucket_recipe(self)
         self.weights.check("weights")
         if self.stages:
             check_stages(self.stages, self.optim.max_steps)

@@ -38,14 +38,16 @@ def _runner(backend: str, block_v):
 
 def _topk_inputs(teacher_topk, coefs, spec, vocab: int, n: int):
     """``(ids, logp_top, logp_tail, lo_top, lo_tail)`` for the kernels from the user's
-    ``(ids, logits, lse)`` (teacher log-probabilities as float32 pairs ``hi + lo``, see
+    ``(ids, logits, lse[, log_tail])`` (teacher log-probabilities as float32 pairs ``hi + lo``, see
     ``_common.topk_teacher_logprobs``)."""
-    ids, top, lse = (tuple(teacher_topk) + (None,))[:3]
+    ids, top, lse, log_tail = (tuple(teacher_topk) + (None, None))[:4]
     k = ids.shape[-1]
     if ids.numel() != n * k or top.shape != ids.shape:
         raise ValueError(f"teacher_topk ids {tuple(ids.shape)} and logits {tuple(top.shape)} must be [N={n}, k]")
     ids = check_topk_ids(ids.reshape(n, k).to(coefs.valid.device), coefs.valid, vocab)
-    return (ids.contiguous(), *topk_teacher_logprobs(top.reshape(n, k), lse, spec=spec, vocab=vocab))
+    if log_tail is not None:
+        log_tail = log_tail.reshape(n).to(coefs.valid.device)
+    return (ids.contiguous(), *topk_teacher_logprobs(top.reshape(n, k), lse, spec=spec, vocab=vocab, log_tail=log_tail))
 
 
 def softmax_divergence(
@@ -73,7 +75,8 @@ def softmax_divergence(
 ):
     """Distillation loss of ``student_logits [..., V]`` (fp32/bf16/fp16) against
     ``teacher_logits [..., V_t]`` or ``teacher_topk = (ids [..., k] int64, raw T=1 logits
-    [..., k], full-vocab T=1 logsumexp [...] or None for renorm)``.
+    [..., k], full-vocab T=1 logsumexp [...] or None for renorm[, log tail mass [...] at the
+    loss's temperature: makes tail="bucket" exact at any T, see dist_distill.teacher.tails])``.
 
     Same arguments and result as ``dist_distill.losses.divergence`` / ``topk_divergence``
     (kind in ``KINDS``, tail in ``TAILS``, ``reduction`` "none" -> ``[...]``, "sum", "mean";
@@ -180,7 +183,8 @@ def fused_linear_distill_loss(
             ZeRO-3); their gradients come out through autograd.
         teacher_hidden + teacher_weight (+ teacher_bias): dense teacher, ``[..., Ht]`` and
             ``[V_t, Ht]`` (no gradient); OR teacher_topk: ``(ids [..., k] int64, raw T=1
-            logits [..., k], full-vocab T=1 logsumexp [...] or None for renorm)``.
+            logits [..., k], full-vocab T=1 logsumexp [...] or None for renorm[, log tail
+            mass [...] at `temperature`])`` (as :func:`softmax_divergence`).
         kind, temperature, scale_by_t2, beta, skew_alpha, tail, ce_weight, labels,
             ignore_index, weights, vocab_size, normalizer: as ``dist_distill.losses``.
         reduction: "sum" or "mean" ("none" is not supported: the weight gradient is summed

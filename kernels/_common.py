@@ -184,12 +184,17 @@ def reduce_rows(div: torch.Tensor, ce: torch.Tensor | None, coefs: TokenCoefs, s
     return red(loss_rows), {"div": red(div_rows).detach(), "ce": red(ce_rows).detach()}
 
 
-def topk_teacher_logprobs(topk_logits: torch.Tensor, teacher_lse, *, spec: DivSpec, vocab: int):
+def topk_teacher_logprobs(topk_logits: torch.Tensor, teacher_lse, *, spec: DivSpec, vocab: int, log_tail=None):
     """Teacher log-probabilities over the top-k categories (+ the tail bucket).
 
     Args:
         topk_logits: ``[N, k]`` raw teacher logits at T=1.
         teacher_lse: ``[N]`` teacher full-vocab logsumexp at T=1 (bucket only).
+        log_tail: ``[N]`` or None: log of the teacher's probability mass outside the top-k at
+            ``spec.temperature`` (dist_distill.teacher.tails; the cache and the teacher group
+            carry it). Given, the bucket is EXACT at every T: ``log p_T(top) = log_softmax(top / T)
+            + log(1 - r_T)``, ``log p_T(tail) = log r_T`` (r_T floored at float32's smallest
+            normal); ``teacher_lse`` is then unused. Without it, the estimate below.
     Returns:
         ``(logp_top [N, k], logp_tail [N], lo_top [N, k], lo_tail [N])`` float32: each
         log-probability is the double-float ``hi + lo`` (``hi`` = the float32 value, ``lo`` its
@@ -216,6 +221,8 @@ def topk_teacher_logprobs(topk_logits: torch.Tensor, teacher_lse, *, spec: DivSp
     if spec.tail == "renorm" or k == vocab:
         u = rel * spec.inv_t
         return _split(u - torch.logsumexp(u, dim=-1, keepdim=True), top.new_full((n,), float("-inf")))
+    if log_tail is not None:
+        return _split(*exact_bucket_logprobs(rel, log_tail.reshape(n, 1).to(wide), spec.inv_t))
     if teacher_lse is None:
         raise ValueError("tail='bucket' needs the teacher's full-vocab logsumexp (teacher_topk=(ids, logits, lse))")
     lse_rel = teacher_lse.reshape(n, 1).to(wide) - m  # lse - m, exact
@@ -229,6 +236,22 @@ def topk_teacher_logprobs(topk_logits: torch.Tensor, teacher_lse, *, spec: DivSp
     u = rel * spec.inv_t
     lse_t = torch.logaddexp(torch.logsumexp(u, dim=-1, keepdim=True), log_tail_t)
     return _split(u - lse_t, (log_tail_t - lse_t).squeeze(1))
+
+
+def exact_bucket_logprobs(rel: torch.Tensor, log_tail: torch.Tensor, inv_t: float):
+    """``(log p_T(top) [N, k], log p_T(tail) [N])`` from the top-k logits relative to their max, ``rel``
+    [N, k], and the log tail mass at T, ``log_tail`` [N, 1] (same float dtype): the top-k share
+    ``1 - r_T`` in the ratios of ``softmax(rel / T)``. ``r_T`` is floored at float32's smallest
+    normal (an empty or negligible tail keeps ``KL(q || p)`` finite) and kept below 1."""
+    tiny = math.log(torch.finfo(torch.float32).tiny)
+    log_r = log_tail.clamp(min=tiny, max=-torch.finfo(torch.float32).tiny)
+    u = rel * inv_t
+    return u - torch.logsumexp(u, dim=-1, keepdim=True) + log1mexp(log_r), log_r.squeeze(1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for x <= 0, accurate everywhere (Maechler's switch at -log 2)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def _split(logp_top: torch.Tensor, logp_tail: torch.Tensor):

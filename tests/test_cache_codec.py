@@ -150,13 +150,18 @@ def test_kl_mode_is_compact_at_qwen_vocabulary():
     assert enc["stats"]["kl"].max() <= 1e-3 * (1 + 1e-6)
 
 
+def _tails(ids):
+    """A log tail mass column at T=1 for each row (what the scorer adds; the codec tests do not read it)."""
+    return np.full((len(ids), 1), -3.0, np.float32)
+
+
 def test_shard_with_empty_samples():
     mask = np.zeros((3, 6), bool)
     mask[1, 2:4] = True
     ids, z, lse = teacher_rows(2, 4, 50)
-    parts, header, stats = encode_shard(ids, z, lse, mask, 50, "kl", 1e-3)
+    parts, header, stats = encode_shard(ids, z, lse, _tails(ids), mask, 50, "kl", 1e-3)
     assert header["rows"] == 2 and stats["rows"] == 2 and header["num_samples"] == 3
-    parts, header, stats = encode_shard(ids[:0], z[:0], lse[:0], np.zeros((2, 6), bool), 50, "kl", 1e-3)
+    parts, header, stats = encode_shard(ids[:0], z[:0], lse[:0], _tails(ids[:0]), np.zeros((2, 6), bool), 50, "kl", 1e-3)
     assert header["rows"] == 0 and stats["max_kl"] == 0.0
 
 
@@ -249,10 +254,11 @@ def _cache_of(tmp_path, ids, z, lse, vocab, seq_len=64):
 
     n = len(ids) // seq_len
     mask = np.ones((n, seq_len), bool)
-    parts, header, stats = encode_shard(ids, z, lse, mask, vocab, "kl", 1e-3)
+    parts, header, stats = encode_shard(ids, z, lse, _tails(ids), mask, vocab, "kl", 1e-3)
     cm.write_shard(tmp_path, 0, 0, n, parts, stats)
     cm.finalize_cache(tmp_path, {"format": cm.FORMAT, "k": ids.shape[1], "seq_len": seq_len, "vocab_size": vocab,
-                                 "num_samples": n, "samples_per_shard": n, "codec": {"mode": "kl"}})
+                                 "num_samples": n, "samples_per_shard": n, "codec": {"mode": "kl"},
+                                 "tail_temperatures": [1.0]})
     return reader.TeacherCache(tmp_path), header
 
 
@@ -274,7 +280,7 @@ def test_frequency_ranks_shrink_ids_the_tokenizer_spreads(tmp_path):
     coded = int(cc.id_widths_from_codes(cc.unpack_nibbles(np.asarray(ranked.s["widths"]), k // 8), ranked.id_space).sum())
     table = sum(ranked.s[name].nbytes for name in ("id_order_sizes", "id_order_widths", "id_order_blocks"))
     assert coded + table < 0.85 * raw_bytes, (coded, table, raw_bytes)
-    got_ids, got_z, got_lse, _ = cache.rows(np.arange(n // 64))
+    got_ids, got_z, got_lse, _, _ = cache.rows(np.arange(n // 64))
     order = np.argsort(got_ids, axis=1)
     assert np.array_equal(np.take_along_axis(got_ids, order, 1), np.sort(ids, axis=1))
     want = np.take_along_axis(z, np.argsort(ids, 1), 1) - lse[:, None]

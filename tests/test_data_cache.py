@@ -64,7 +64,7 @@ def direct_teacher(recipe, idx):
     tok = load_tokenizer(recipe.teacher, "teacher")
     data = load_tokenized(recipe.data.train, tok, recipe.data)
     model = load_model(recipe.teacher, "teacher").eval()
-    ids, z, lse = dense_teacher_topk(model, data.input_ids[idx], data.attention_mask[idx], recipe.teacher_source.top_k, len(tok))
+    ids, z, lse, _ = dense_teacher_topk(model, data.input_ids[idx], data.attention_mask[idx], recipe.teacher_source.top_k, len(tok))
     order = ids.argsort(dim=-1)
     return data.targets[idx] != IGNORE_INDEX, ids.gather(-1, order).long(), z.gather(-1, order), lse
 
@@ -84,7 +84,7 @@ def test_lossless_cache_round_trips_the_teacher_exactly(tiny_world, tmp_path):
     cache = built(recipe, mode="lossless")
     assert len(cache.manifest["shards"]) == 3  # 256 samples, 100 per shard
     idx = torch.tensor([0, 99, 100, 255, 7])
-    ids, logits, lse = cache.fetch(idx)
+    ids, logits, lse, _ = cache.fetch(idx)
     ids, logits = by_id(ids, logits)
     mask, want_ids, want_z, want_lse = direct_teacher(recipe, idx)
     assert ids.shape == (5, 16, 8) and logits.dtype == torch.float32 and lse.shape == (5, 16)
@@ -103,7 +103,7 @@ def test_kl_cache_error_within_its_bound_on_the_teacher(tiny_world, tmp_path):
     cache = built(recipe)
     assert cache.manifest["codec"]["mode"] == "kl" and cache.manifest["codec"]["max_kl"] == 1e-3
     idx = torch.arange(256)
-    ids, logits, lse = cache.fetch(idx)
+    ids, logits, lse, _ = cache.fetch(idx)
     ids, logits = by_id(ids, logits)
     mask, want_ids, want_z, want_lse = direct_teacher(recipe, idx)
     assert torch.equal(ids[mask], want_ids[mask])
@@ -123,7 +123,7 @@ def test_fetch_with_smaller_k_keeps_the_most_probable(tiny_world, tmp_path):
     recipe = recipe_for(tiny_world, tmp_path)
     cache = built(recipe, mode="lossless")
     idx = torch.tensor([5, 200])
-    ids, logits, _ = cache.fetch(idx, 3)
+    ids, logits, _, _ = cache.fetch(idx, 3)
     mask, want_ids, want_z, _ = direct_teacher(recipe, idx)
     top_z, pick = want_z.topk(3, dim=-1)
     got = logits[mask].sort(dim=-1, descending=True).values
@@ -171,7 +171,7 @@ def test_8bit_teacher_cache(tiny_world, tmp_path):
     quant = built(recipe_for(tiny_world, tmp_path / "q8", "teacher_source.top_k=15"), mode="lossless", quantize="8bit")
     assert quant.manifest["teacher"]["quantization"] == "8bit" and full.manifest["teacher"]["quantization"] == "none"
     idx = torch.arange(16)
-    (ids_f, z_f, lse_f), (ids_q, z_q, lse_q) = full.fetch(idx), quant.fetch(idx)
+    (ids_f, z_f, lse_f, _), (ids_q, z_q, lse_q, _) = full.fetch(idx), quant.fetch(idx)
     (ids_f, z_f), (ids_q, z_q) = by_id(ids_f, z_f), by_id(ids_q, z_q)
     assert torch.equal(ids_f, ids_q)  # k = V: every id
     err = (z_q - z_f).abs().max()

@@ -146,6 +146,7 @@ def test_a_cache_of_the_old_format_is_refused(tiny_world, tmp_path):
     built(recipe_for(tiny_world, tmp_path))
     path = tmp_path / "cache/manifest.json"
     manifest = json.loads(path.read_text())
-    path.write_text(json.dumps(dict(manifest, format="dd-topk-v1")))
-    with pytest.raises(UserError, match=r"format 'dd-topk-v1', this reader needs 'dd-topk-v2'; rebuild the cache"):
-        TeacherCache(tmp_path / "cache")
+    for old in ("dd-topk-v1", "dd-topk-v2"):  # v2: no tail masses
+        path.write_text(json.dumps(dict(manifest, format=old)))
+        with pytest.raises(UserError, match=rf"format '{old}', this reader needs 'dd-topk-v3'; rebuild the cache"):
+            TeacherCache(tmp_path / "cache")

@@ -24,26 +24,31 @@ def _teacher(world, dtype="float32"):
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 28, 4 * 32 * 3])  # one chunk; 3 rows per chunk (many chunks)
 def test_scorer_equals_dense_logits(tiny_world, chunk_bytes):
-    """Top-k ids, logits and logsumexp at the target rows equal the brute-force [B, L, V] computation,
-    whatever the chunking; the padded vocabulary columns (15 real tokens of 32) never enter."""
+    """Top-k ids, logits, logsumexp and the tail masses at T = 1, 4, 0.5 at the target rows equal the
+    brute-force [B, L, V] computation, whatever the chunking; the padded vocabulary columns (15 real
+    tokens of 32) never enter."""
     model, tok, data = _teacher(tiny_world)
-    k = 6
-    scorer = TeacherScorer(model, len(tok), k, chunk_bytes=chunk_bytes)
-    assert scorer.chunk_rows() == (3 if chunk_bytes < 1000 else (1 << 28) // (4 * 32))
-    ids, logits, lse = scorer.score(data.input_ids, data.attention_mask, data.targets)
-    ref_ids, ref_logits, ref_lse = dense_teacher_topk(model, data.input_ids, data.attention_mask, k, len(tok))
+    k, temps = 6, (1.0, 4.0, 0.5)
+    scorer = TeacherScorer(model, len(tok), k, chunk_bytes=chunk_bytes, temperatures=temps)
+    assert scorer.chunk_rows() == (1 if chunk_bytes < 1000 else (1 << 28) // (8 * 32))
+    ids, logits, lse, tails = scorer.score(data.input_ids, data.attention_mask, data.targets)
+    ref_ids, ref_logits, ref_lse, ref_tails = dense_teacher_topk(model, data.input_ids, data.attention_mask, k,
+                                                                 len(tok), temps)
     mask = data.targets != IGNORE_INDEX
     assert ids.shape == (int(mask.sum()), k) and ids.dtype == torch.int64 and int(ids.max()) < len(tok)
     assert torch.equal(ids, ref_ids[mask].long())
     assert_verbose_allclose(logits, ref_logits[mask], 1e-5, 1e-5, what="top-k logits")
     assert_verbose_allclose(lse, ref_lse[mask], 1e-5, 1e-5, what="logsumexp")
+    assert tails.shape == (int(mask.sum()), 3) and tails.dtype == torch.float32
+    assert_verbose_allclose(tails.double(), ref_tails[mask], 1e-5, 1e-5, what="log tail masses")
 
 
 def test_scorer_batch_without_targets(tiny_world):
     model, tok, data = _teacher(tiny_world)
     targets = torch.full_like(data.targets[:2], IGNORE_INDEX)
-    ids, logits, lse = TeacherScorer(model, len(tok), 4).score(data.input_ids[:2], data.attention_mask[:2], targets)
-    assert ids.shape == (0, 4) and logits.shape == (0, 4) and lse.shape == (0,)
+    ids, logits, lse, tails = TeacherScorer(model, len(tok), 4).score(data.input_ids[:2], data.attention_mask[:2],
+                                                                      targets)
+    assert ids.shape == (0, 4) and logits.shape == (0, 4) and lse.shape == (0,) and tails.shape == (0, 1)
 
 
 def _cache_recipe(world, out, extra=()):
@@ -83,15 +88,17 @@ def test_tp_cache_build_equals_one_process_byte_for_byte(tiny_world, tmp_path):
     model, tok, _ = _teacher(tiny_world, "float64")
     data = load_tokenized(recipe.data.train, tok, recipe.data)
     idx = torch.arange(0, 40)
-    ids, logits, lse = TeacherScorer(model, len(tok), 8).score(data.input_ids[idx], data.attention_mask[idx],
-                                                                data.targets[idx])
-    got_ids, got_logits, got_lse = TeacherCache(two / "cache").fetch(idx)
+    cache = TeacherCache(two / "cache")
+    ids, logits, lse, tails = TeacherScorer(model, len(tok), 8, temperatures=cache.tail_temperatures).score(
+        data.input_ids[idx], data.attention_mask[idx], data.targets[idx])
+    got_ids, got_logits, got_lse, got_tails = cache.fetch(idx)
     mask = data.targets[idx] != IGNORE_INDEX
     got_ids, got_logits = got_ids[mask], got_logits[mask]
     mine, theirs = ids.argsort(dim=1), got_ids.argsort(dim=1)  # the cache's storage order is not value order
     assert torch.equal(got_ids.gather(1, theirs), ids.gather(1, mine))
     assert_verbose_allclose(got_logits.gather(1, theirs), logits.gather(1, mine), 1e-5, 1e-5, what="cached logits")
     assert_verbose_allclose(got_lse[mask], lse, 1e-5, 1e-5, what="cached lse")
+    assert_verbose_allclose(got_tails[mask], tails, 1e-5, 1e-5, what="cached log tail masses")
 
 
 @pytest.mark.slow

@@ -67,11 +67,12 @@ def test_message_round_trip_keeps_ids_exact():
     from dist_distill.teacher.group.protocol import pack, unpack
 
     ids = torch.tensor([[0, 151935, 7], [2**31 - 1, 1, 3]])
-    logits, lse = torch.randn(2, 3), torch.randn(2)
-    header, payload = pack(5, 1, torch.tensor([9, 4]), ids, logits, lse)
+    logits, lse, tails = torch.randn(2, 3), torch.randn(2), -torch.rand(2, 2)
+    header, payload = pack(5, 1, torch.tensor([9, 4]), ids, logits, lse, tails)
     assert header.tolist()[1:] == [5, 1, 2, 3, 2, 9, 4]
     got = unpack(payload.clone(), 3)
     assert torch.equal(got[0], ids) and torch.equal(got[1], logits) and torch.equal(got[2], lse)
+    assert torch.equal(got[3], tails)
 
 
 class FakeBridge:
@@ -96,14 +97,15 @@ def test_group_teacher_checks_the_samples_it_is_sent():
     from dist_distill.teacher.group.roles import Roles, TeacherGroupError
     from dist_distill.teacher.group.protocol import pack
 
-    ids, logits, lse = torch.tensor([[3, 1], [0, 2]]), torch.randn(2, 2), torch.randn(2)
+    ids, logits, lse, tails = torch.tensor([[3, 1], [0, 2]]), torch.randn(2, 2), torch.randn(2), -torch.rand(2, 1)
     targets = torch.tensor([[-100, 5, 6], [-100, -100, -100]])  # 2 target tokens
-    header, payload = pack(0, 0, torch.tensor([4, 9]), ids, logits, lse)
+    header, payload = pack(0, 0, torch.tensor([4, 9]), ids, logits, lse, tails)
     roles = Roles(rank=2, world=4, tp_size=2, num_groups=1)
     teacher = GroupTeacher(roles, FakeBridge([header, payload]), 2, torch.device("cpu"), lambda: 0, 5.0)
     signal = teacher.signal(torch.tensor([4, 9]), {"targets": targets})
     assert torch.equal(signal.topk[0], ids) and torch.equal(signal.topk[1], logits)
-    header, payload = pack(1, 0, torch.tensor([4, 7]), ids, logits, lse)
+    assert torch.equal(signal.log_tails, tails) and signal.tail_temperatures == (1.0,)
+    header, payload = pack(1, 0, torch.tensor([4, 7]), ids, logits, lse, tails)
     teacher = GroupTeacher(roles, FakeBridge([header, payload]), 2, torch.device("cpu"), lambda: 1, 5.0)
     with pytest.raises(TeacherGroupError, match=r"expected step 2, micro-batch 0, samples \[4, 9\] but teacher rank 0 "
                        r"sent step 2, micro-batch 0, samples \[4, 7\]"):
@@ -116,7 +118,7 @@ def test_vocab_parallel_topk_single_rank_ignores_padding():
 
     logits = torch.randn(5, 12)
     logits[:, 10:] = 100.0  # padding columns with huge logits
-    ids, vals, lse = vocab_parallel_topk(logits, 0, 10, 4, None)
+    ids, vals, lse, _ = vocab_parallel_topk(logits, 0, 10, 4, None)
     ref_vals, ref_ids = logits[:, :10].topk(4)
     assert torch.equal(ids, ref_ids) and torch.equal(vals, ref_vals)
     torch.testing.assert_close(lse, logits[:, :10].logsumexp(-1))
@@ -173,8 +175,8 @@ def _tp_helper(world: str, out: str, bits: str = "none") -> None:
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     k, vocab = 8, len(tok)
     scorer = TeacherScorer(model, vocab, k, tp_group=mesh.get_group(), vocab_offset=offset)
-    ids, vals, lse = scorer.score(data.input_ids, data.attention_mask, data.targets)
-    ref_ids, ref_vals, ref_lse = dense_teacher_topk(reference, data.input_ids, data.attention_mask, k, vocab)
+    ids, vals, lse, _ = scorer.score(data.input_ids, data.attention_mask, data.targets)
+    ref_ids, ref_vals, ref_lse, _ = dense_teacher_topk(reference, data.input_ids, data.attention_mask, k, vocab)
     mask = data.targets != -100
     if dist.get_rank() == 0:
         torch.save({"ids": ids, "vals": vals, "lse": lse, "ref_ids": ref_ids[mask].long(), "ref_vals": ref_vals[mask],
@@ -328,7 +330,7 @@ def test_teacher_sends_each_micro_batch_as_soon_as_it_is_scored(window):
 
         def score(self, tokens, mask, targets):
             log.append(("scored", sum(1 for e in log if e[0] == "scored")))
-            return torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), torch.zeros(3)
+            return torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 1)
 
     recipe = SimpleNamespace(optim=SimpleNamespace(micro_batch_size=2, grad_accum=4, max_steps=2), seed=1, stages=[],
                              teacher_source=SimpleNamespace(prefetch_micro_batches=window, timeout_s=5.0),

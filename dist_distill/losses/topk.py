@@ -23,8 +23,12 @@ so ``log p(v) = z_v - lse`` is exact for the top-k ids and the tail mass
     point; an ``lse`` rounded below ``logsumexp(topk)`` is raised to it, so that the
     teacher's probabilities never sum above 1. Everything is computed relative to the top
     logit (never a logsumexp or a division by T of logits ~1e4).
-    For T != 1 the top-k is exact up to the normaliser (``log p_T(v) = z_v/T - lse_T``) but
-    ``lse_T`` needs the unknown tail logits. APPROXIMATION: the V - k tail tokens are taken
+    EXACT at any T with ``teacher_log_tail`` (``log r_T``, the teacher's mass outside its top-k
+    at T, which the cache and the teacher group carry: dist_distill.teacher.tails): the top-k
+    share ``1 - r_T`` in the ratios of ``softmax(topk_logits / T)`` and the bucket holds ``r_T``;
+    ``teacher_lse`` is then unused. Training always passes it (and refuses a temperature the
+    teacher does not carry). Without it, for T != 1 the top-k is exact up to the normaliser (``log p_T(v) = z_v/T - lse_T``) but
+    ``lse_T`` needs the unknown tail logits. APPROXIMATION (direct callers only): the V - k tail tokens are taken
     to share the T=1 tail mass uniformly, each with logit ``z_tail = lse + log(r / (V-k))``,
     so ``lse_T = logsumexp(topk / T, log(V-k) + z_tail / T)`` and the tail bucket holds
     ``exp(log(V-k) + z_tail/T - lse_T)``. This is exact at T=1 and whenever the real tail is
@@ -79,6 +83,7 @@ def topk_divergence(
     vocab_size: int | None = None,
     reduction: str = "mean",
     normalizer=None,
+    teacher_log_tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distillation loss of full student logits against a top-k teacher (see module doc).
 
@@ -101,6 +106,8 @@ def topk_divergence(
             carrying the T=1 tail mass (module doc says exactly what is approximate).
         vocab_size: real vocab; the student is sliced to ``[..., :vocab_size]`` and
             ``topk_ids`` must be below it.
+        teacher_log_tail: ``[...]`` float32 log of the teacher's probability mass outside its
+            top-k at `temperature` (bucket only): makes the bucket exact at every T.
     Returns:
         float32 (float64 for float64 student logits) loss, shape per ``reduction``.
     """
@@ -108,7 +115,7 @@ def topk_divergence(
     check_common_args(ce_weight, labels, reduction, normalizer)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    if tail == "bucket" and teacher_lse is None:
+    if tail == "bucket" and teacher_lse is None and teacher_log_tail is None:
         raise ValueError("tail='bucket' needs teacher_lse (the teacher's full-vocab logsumexp at T=1)")
     student = slice_vocab(student_logits, vocab_size, "student_logits")
     lead_shape, v = student.shape[:-1], student.shape[-1]
@@ -123,8 +130,13 @@ def topk_divergence(
     if tail == "renorm":
         logp, logq = _renorm_logprobs(student, ids, top, temperature)
     else:
-        lse = zero_masked_rows(teacher_lse.reshape(-1, 1).to(dtype), valid).squeeze(-1)
-        logp, logq = _bucket_logprobs(student, ids, top, lse, temperature)
+        if teacher_log_tail is not None:
+            if teacher_log_tail.shape != lead_shape:
+                raise ValueError(f"teacher_log_tail must have shape {tuple(lead_shape)}, got {tuple(teacher_log_tail.shape)}")
+            lse = zero_masked_rows(teacher_log_tail.reshape(-1, 1).to(dtype), valid).squeeze(-1)
+        else:
+            lse = zero_masked_rows(teacher_lse.reshape(-1, 1).to(dtype), valid).squeeze(-1)
+        logp, logq = _bucket_logprobs(student, ids, top, lse, temperature, exact_tail=teacher_log_tail is not None)
     div = divergence_from_logprobs(logp, logq, kind, beta=beta, skew_alpha=skew_alpha)
     return finish_token_losses(
         div, student, labels=labels, weights=weights, valid=valid, temperature=temperature,
@@ -166,9 +178,10 @@ def _renorm_logprobs(student, ids, top, temperature: float):
     return logp, logq
 
 
-def _bucket_logprobs(student, ids, top, lse, temperature: float):
+def _bucket_logprobs(student, ids, top, lse, temperature: float, exact_tail: bool = False):
     """``tail="bucket"``: ``(logp, logq)`` over the k ids + 1 tail bucket, ``[N, k+1]``
-    (``[N, k]`` when k = V: the bucket is empty and dropped)."""
+    (``[N, k]`` when k = V: the bucket is empty and dropped). ``exact_tail``: `lse` holds the
+    teacher's log tail mass at `temperature` instead of its T=1 logsumexp."""
     ids = ids.long()
     # relative to the row max before dividing by T and kept apart from the log-sum (logits ~1e4)
     m = detached_row_max(student)
@@ -178,7 +191,10 @@ def _bucket_logprobs(student, ids, top, lse, temperature: float):
     n_tail = student.shape[-1] - ids.shape[-1]
     if n_tail == 0:
         return scaled_log_softmax(top, temperature), logq_top
-    logp_top, logp_tail = _teacher_bucket(top, lse, temperature, n_tail)
+    if exact_tail:
+        logp_top, logp_tail = _teacher_bucket_exact(top, lse, temperature)
+    else:
+        logp_top, logp_tail = _teacher_bucket(top, lse, temperature, n_tail)
     # The tail in log space: logsumexp over the vocab with the top-k ids masked out.
     masked = scaled.scatter(-1, ids, float("-inf"))
     logq_tail = torch.logsumexp(masked, dim=-1, keepdim=True) - lse_q
@@ -210,3 +226,14 @@ def _teacher_bucket(top, lse, temperature: float, n_tail: int):
     scaled = top_rel / temperature
     lse_t = torch.logsumexp(torch.cat((scaled, log_tail_t), dim=-1), dim=-1, keepdim=True)
     return scaled - lse_t, log_tail_t - lse_t
+
+
+def _teacher_bucket_exact(top, log_tail, temperature: float):
+    """Teacher ``(log p_T(top-k) [N, k], log p_T(tail) [N, 1])`` from the log tail mass at T:
+    ``log_softmax((top - m) / T) + log(1 - r_T)`` and ``log r_T``, with r_T floored at the dtype's
+    smallest normal and kept below 1."""
+    tiny = torch.finfo(top.dtype).tiny
+    log_r = log_tail.unsqueeze(-1).clamp(min=math.log(tiny), max=-tiny)
+    scaled = (top - detached_row_max(top)) / temperature
+    log_top = torch.where(log_r > -math.log(2.0), torch.log(-torch.expm1(log_r)), torch.log1p(-torch.exp(log_r)))
+    return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True) + log_top, log_r

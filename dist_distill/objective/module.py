@@ -52,7 +52,9 @@ def unfused_output_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Tea
     kw = dict(temperature=spec.temperature, scale_by_t2=spec.scale_by_t2, beta=spec.beta,
               skew_alpha=spec.skew_alpha, vocab_size=vocab_size, reduction="sum")
     if teacher.topk is not None:
-        div = topk_divergence(student, *teacher.topk, spec.kind, tail=spec.tail, **kw)
+        ids, top, lse, *log_tail = teacher.loss_inputs(spec.temperature, spec.tail)["teacher_topk"]
+        div = topk_divergence(student, ids, top, lse, spec.kind, tail=spec.tail,
+                              teacher_log_tail=log_tail[0] if log_tail else None, **kw)
     else:
         t_logits = F.linear(teacher.hidden.float(), teacher.weight.float(),
                             None if teacher.bias is None else teacher.bias.float())
@@ -105,7 +107,7 @@ class DistillationModule(nn.Module):
             # hard labels only: CE through the same fused path (the divergence against itself is 0)
             return dict(inputs, kind="fkl", ce_weight=1.0, teacher_topk=_self_topk(labels))
         return dict(inputs, kind=s.kind, temperature=temperature, scale_by_t2=s.scale_by_t2, beta=s.beta,
-                    skew_alpha=s.skew_alpha, tail=s.tail, ce_weight=s.ce_weight, **teacher.loss_inputs())
+                    skew_alpha=s.skew_alpha, tail=s.tail, ce_weight=s.ce_weight, **teacher.loss_inputs(temperature, s.tail))
 
     def _output_loss(self, hidden, labels, teacher, temperature):
         head = self.student.get_output_embeddings()

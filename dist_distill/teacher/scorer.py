@@ -4,7 +4,8 @@ Both the offline cache builder (``dd-cache build``) and the online teacher group
 :meth:`TeacherScorer.score`: given a token batch and its target positions it runs the
 teacher's decoder once, keeps the final hidden states of the target tokens only, and runs
 the lm_head over them **chunk by chunk** and **vocab-parallel**. For each chunk of rows it
-takes the top-k and the logsumexp over the real vocabulary and drops the logits, so at most
+takes the top-k, the logsumexp over the real vocabulary and the exact tail mass outside the
+top-k at each of the recipe's temperatures (:mod:`dist_distill.teacher.tails`) and drops the logits, so at most
 ``[chunk rows, V / tp]`` logits exist at any time (``chunk_bytes``, 256 MiB by default) --
 never ``[B, L, V]``. At B=32, L=4096, V=152064 the old whole-batch path held ~120 GB of
 bf16 + fp32 logits; here it is one 256 MiB chunk per rank whatever B and L.
@@ -30,43 +31,56 @@ import torch.distributed as dist
 from dist_distill.data.records import IGNORE_INDEX
 
 LOGITS_CHUNK_BYTES = 256 << 20
-"""Budget of one logits chunk on a rank: [rows, V / tp] at the compute precision."""
+"""Budget of one chunk's work buffers on a rank: its [rows, V / tp] logits at the compute precision and
+their tail-masked copy (teacher.tails.tail_logsumexp)."""
 
 
-def vocab_parallel_topk(local_logits: torch.Tensor, offset: int, vocab_size: int, k: int, group):
-    """Top-k and logsumexp over the real vocabulary [0, vocab_size) from vocabulary slices.
+def vocab_parallel_topk(local_logits: torch.Tensor, offset: int, vocab_size: int, k: int, group,
+                        temperatures=(1.0,)):
+    """Top-k, logsumexp and exact tail mass over the real vocabulary [0, vocab_size) from vocabulary slices.
 
     local_logits [n, V_local] hold columns [offset, offset + V_local) of the full logits. Each
-    rank takes its local top-k (ids shifted by its offset) and local logsumexp; an all_gather of
-    those [n, k] / [n] pieces and one more top-k / logsumexp give the exact result without ever
-    gathering [n, V] logits (group None: one rank holds the whole vocabulary). Padded columns
-    (id >= vocab_size) are cut off before anything is computed (a slice of padding only gives an
-    lse of -inf). Every rank of `group` must pass the same n (all_gather needs equal shapes: a
-    slice with fewer than k real columns is padded with -inf). All tensors stay on the logits'
-    device (a CUDA tensor for NCCL groups).
-    Returns ids int64 [n, k], logits [n, k] and lse [n] at the compute precision (float32, or
-    float64 for a float64 teacher), the same on every rank.
+    rank takes its local top-k (ids shifted by its offset), local logsumexp and, per temperature,
+    the logsumexp of its columns outside its local top-k (teacher.tails.tail_logsumexp); an
+    all_gather of those [n, k] / [n] / [n, nT] pieces and one more top-k give the exact result
+    without ever gathering [n, V] logits (group None: one rank holds the whole vocabulary). The
+    candidates the merge drops join the tail, so the tail is a sum over the tail itself, never
+    1 - top-k. Padded columns (id >= vocab_size) are cut off before anything is computed (a
+    slice of padding only gives an lse of -inf). Every rank of `group` must pass the same n
+    (all_gather needs equal shapes: a slice with fewer than k real columns is padded with -inf).
+    All tensors stay on the logits' device (a CUDA tensor for NCCL groups).
+    Returns ids int64 [n, k], logits [n, k], lse [n] at the compute precision (float32, or
+    float64 for a float64 teacher) and log_tails float64 [n, len(temperatures)] (log of the
+    probability mass outside the top-k at each temperature; -inf for an empty tail), the same on
+    every rank.
     """
+    from dist_distill.teacher.tails import log_tail_mass, tail_logsumexp
+
     real = max(0, min(local_logits.shape[1], vocab_size - offset))
     logits = local_logits[:, :real].to(torch.promote_types(local_logits.dtype, torch.float32))
     ids = torch.arange(offset, offset + real, device=logits.device)
     if real < k:
         logits = torch.cat([logits, logits.new_full((logits.shape[0], k - logits.shape[1]), float("-inf"))], 1)
         ids = torch.cat([ids, ids.new_full((k - ids.shape[0],), vocab_size)])
-    values, local_ids = logits.topk(k, dim=-1)
-    local_ids = ids[local_ids]
+    values, local_pick = logits.topk(k, dim=-1)
+    local_ids = ids[local_pick]
     lse = torch.logsumexp(logits, dim=-1)
+    tail = tail_logsumexp(logits, local_pick, temperatures)
+    del logits
     world = dist.get_world_size(group) if group is not None else 1
-    if world == 1:
-        return local_ids, values, lse
-    all_values = [torch.empty_like(values) for _ in range(world)]
-    all_ids = [torch.empty_like(local_ids) for _ in range(world)]
-    all_lse = [torch.empty_like(lse) for _ in range(world)]
-    dist.all_gather(all_values, values.contiguous(), group=group)
-    dist.all_gather(all_ids, local_ids.contiguous(), group=group)
-    dist.all_gather(all_lse, lse, group=group)
-    merged, pick = torch.cat(all_values, 1).topk(k, dim=-1)
-    return torch.cat(all_ids, 1).gather(1, pick), merged, torch.logsumexp(torch.stack(all_lse), dim=0)
+    if world > 1:
+        gathered = []
+        for x in (values.contiguous(), local_ids.contiguous(), lse, tail.contiguous()):
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x, group=group)
+            gathered.append(parts)
+        candidates = torch.cat(gathered[0], 1)
+        values, pick = candidates.topk(k, dim=-1)
+        local_ids = torch.cat(gathered[1], 1).gather(1, pick)
+        lse = torch.logsumexp(torch.stack(gathered[2]), dim=0)
+        dropped = tail_logsumexp(candidates, pick, temperatures)  # the candidates the merge left out
+        tail = torch.logaddexp(torch.logsumexp(torch.stack(gathered[3]), dim=0), dropped)
+    return local_ids, values, lse, log_tail_mass(values, tail, temperatures)
 
 
 class TeacherScorer:
@@ -79,8 +93,9 @@ class TeacherScorer:
     """
 
     def __init__(self, model, vocab_size: int, k: int, *, tp_group=None, vocab_offset: int = 0,
-                 chunk_bytes: int = LOGITS_CHUNK_BYTES):
+                 chunk_bytes: int = LOGITS_CHUNK_BYTES, temperatures=(1.0,)):
         self.model, self.vocab_size, self.k = model, vocab_size, k
+        self.temperatures = tuple(float(t) for t in temperatures)
         self.tp_group, self.vocab_offset, self.chunk_bytes = tp_group, vocab_offset, chunk_bytes
         self.head = model.get_output_embeddings()
         weight = self.head.weight
@@ -92,16 +107,18 @@ class TeacherScorer:
             self.head.weight.to_local().device
 
     def chunk_rows(self) -> int:
-        """Rows per lm_head chunk: chunk_bytes / (bytes of one row of local logits at fp32)."""
-        return max(1, self.chunk_bytes // (4 * max(self.local_vocab, 1)))
+        """Rows per lm_head chunk: chunk_bytes / (bytes of one row of local logits at fp32, times 2: the
+        tail's masked copy (teacher.tails.tail_logsumexp) lives beside the logits)."""
+        return max(1, self.chunk_bytes // (8 * max(self.local_vocab, 1)))
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor):
         """Teacher signal at the target tokens (``targets != IGNORE_INDEX``, row-major) of a batch.
 
         input_ids, attention_mask, targets: int64 [B, L] (any device; moved to the teacher's).
-        Returns ids int64 [n, k], logits float32 [n, k] (raw, T=1), lse float32 [n] -- n target
-        tokens -- on the teacher's device. ``logits - lse`` are full-vocabulary log-probabilities.
+        Returns ids int64 [n, k], logits float32 [n, k] (raw, T=1), lse float32 [n] and log_tails
+        float32 [n, len(self.temperatures)] (teacher.tails) -- n target tokens -- on the teacher's
+        device. ``logits - lse`` are full-vocabulary log-probabilities.
         """
         device = self.device
         hidden = self.model.get_decoder()(input_ids=input_ids.to(device),
@@ -109,7 +126,7 @@ class TeacherScorer:
         hidden = hidden[targets.to(device) != IGNORE_INDEX]
         rows = self.chunk_rows()
         parts = [vocab_parallel_topk(self.head(hidden[i:i + rows]), self.vocab_offset, self.vocab_size, self.k,
-                                     self.tp_group)
+                                     self.tp_group, self.temperatures)
                  for i in range(0, max(hidden.shape[0], 1), rows)]
-        ids, logits, lse = (torch.cat([p[j] for p in parts]) for j in range(3))
-        return ids, logits.float(), lse.float()
+        ids, logits, lse, log_tails = (torch.cat([p[j] for p in parts]) for j in range(4))
+        return ids, logits.float(), lse.float(), log_tails.float()

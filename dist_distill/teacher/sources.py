@@ -50,6 +50,10 @@ def build_teacher_source(recipe, tokenizer, data, device: torch.device, step_fn)
 
         cache = TeacherCache(ts.cache_dir)
         cache.check_matches(expected_cache_fields(recipe, tokenizer, data))
+        if recipe.loss.tail == "bucket":  # refused at start-up, not at the first step
+            from dist_distill.teacher.tails import column_of
+
+            column_of(cache.tail_temperatures, recipe.loss.temperature, f"teacher cache {cache.dir}")
         return CacheTeacher(cache, ts.top_k, device)
     if ts.kind == "group":
         from dist_distill.teacher.group.client import group_teacher

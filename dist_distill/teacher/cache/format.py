@@ -1,4 +1,4 @@
-"""The dd-topk-v1 shard and manifest layout on disk: names, locks, completion markers, serialisation.
+"""The dd-topk shard and manifest layout on disk: names, locks, completion markers, serialisation.
 
 See :mod:`dist_distill.teacher.cache` for the format as a whole.
 """
@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "dd-topk-v2"
-"""v2: per-sample CRC32 checksums (section ``sample_crc``), and every shard bound to one build (its
-identity in every sidecar and the manifest); v1 caches are refused with a message to rebuild."""
+FORMAT = "dd-topk-v3"
+"""v3: the exact log tail mass outside the top-k per row at each of the manifest's ``tail_temperatures``
+(section ``log_tail``, float32 [rows, nT]: teacher.tails). v2: per-sample CRC32 checksums (section
+``sample_crc``), and every shard bound to one build (its identity in every sidecar and the manifest).
+Older caches are refused with a message to rebuild."""
 MANIFEST = "manifest.json"
-MAGIC = b"DDTOPK\x02\x00"
+MAGIC = b"DDTOPK\x03\x00"
 SHARD_SUFFIX = ".ddc"
 ALIGN = 64
 
@@ -89,16 +91,20 @@ def shard_done(cache_dir: Path, index: int, build_sha: str | None = None, check_
         return False
 
 
+ROWWISE = ("header", "widths", "values", "log_tail")
+"""Sections with one entry per row, covered by the per-sample checksums."""
+
+
 def sample_checksums(sections: dict, row_start: np.ndarray, a_start: np.ndarray, b_start: np.ndarray) -> np.ndarray:
-    """uint32 [n]: CRC32 of each sample's bytes in every per-row section (its header and width rows,
-    lossless values, row-mask row, and its ranges of both streams) -- what a read of that sample
+    """uint32 [n]: CRC32 of each sample's bytes in every per-row section (its header, width, lossless
+    value and tail rows, row-mask row, and its ranges of both streams) -- what a read of that sample
     decodes, checked on every read (``_Shard.decode``)."""
     import zlib
 
     n = len(row_start) - 1
     out = np.empty(n, dtype=np.uint32)
     rowwise = [np.ascontiguousarray(sections[k]).view(np.uint8).reshape(len(sections[k]), -1)
-               for k in ("header", "widths", "values") if k in sections and len(sections[k])]
+               for k in ROWWISE if k in sections and len(sections[k])]
     mask = np.ascontiguousarray(sections["row_mask"])
     sa, sb = sections["stream_a"], sections["stream_b"]
     for i in range(n):

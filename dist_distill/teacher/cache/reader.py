@@ -12,7 +12,7 @@ import torch
 from dist_distill.data.records import IGNORE_INDEX
 from dist_distill.errors import UserError
 from dist_distill.teacher.cache import codec
-from dist_distill.teacher.cache.format import FORMAT, MAGIC, MANIFEST, data_start, sha256_file
+from dist_distill.teacher.cache.format import FORMAT, MAGIC, MANIFEST, ROWWISE, data_start, sha256_file
 from dist_distill.teacher.signal import TeacherSignal
 
 
@@ -37,9 +37,9 @@ class _Shard:
         except ValueError:
             raise UserError(f"teacher cache shard {path} fails its header check: the JSON header is unreadable") from None
         h = self.header
-        for key in ("k", "seq_len", "vocab_size"):
-            if h[key] != manifest[key]:
-                raise UserError(f"teacher cache shard {path} fails its header check: {key}={h[key]}, the manifest "
+        for key in ("k", "seq_len", "vocab_size", "tail_temperatures"):
+            if h.get(key) != manifest.get(key):
+                raise UserError(f"teacher cache shard {path} fails its header check: {key}={h.get(key)}, the manifest "
                                 f"says {manifest[key]}")
         if (h["start"], h["stop"]) != (entry["start"], entry["stop"]):
             raise UserError(f"teacher cache shard {path} fails its range check: samples [{h['start']}, {h['stop']}), "
@@ -52,7 +52,7 @@ class _Shard:
                 raise UserError(f"teacher cache shard {path} fails its section check: {name} ends past the file")
             self.raw[name] = mm[base + off:base + off + nbytes]
             self.s[name] = self.raw[name].view(np.dtype(dtype)).reshape(shape)
-        if "sample_crc" not in self.s:
+        if "sample_crc" not in self.s or "log_tail" not in self.s:
             raise UserError(f"teacher cache shard {path} fails its checksum check: it has no per-sample checksums "
                             f"(section sample_crc); rebuild the cache with dd-cache build")
         self.s["header"] = self.s["header"].view(header_dtype).reshape(-1)
@@ -76,8 +76,7 @@ class _Shard:
         import zlib
 
         s = self.s
-        rowwise = [self.raw[k].reshape(len(s[k]), -1) if len(s[k]) else None
-                   for k in ("header", "widths", "values") if k in s]
+        rowwise = [self.raw[k].reshape(len(s[k]), -1) if len(s[k]) else None for k in ROWWISE if k in s]
         for i in np.asarray(local).reshape(-1).tolist():
             r0, r1 = int(s["row_start"][i]), int(s["row_start"][i + 1])
             crc = zlib.crc32(s["row_mask"][i])
@@ -93,7 +92,8 @@ class _Shard:
                                 "(it rebuilds only that shard); dd-cache verify checks the others")
 
     def decode(self, local: np.ndarray, ids_dtype=np.int32):
-        """Rows of samples `local` (shard-relative): ids [R, k] (`ids_dtype`), values fp32 [R, k], lse [R], positions mask [n, L].
+        """Rows of samples `local` (shard-relative): ids [R, k] (`ids_dtype`), values fp32 [R, k], lse [R],
+        log tail masses fp32 [R, nT] (at the manifest's tail_temperatures), positions mask [n, L].
 
         The samples' byte ranges of both streams are copied out of the memory map into one
         compact buffer each (the only reads of the shard), then decoded with local offsets.
@@ -123,7 +123,7 @@ class _Shard:
         if self.id_order is not None:  # frequency ranks -> token ids
             ids = np.take(self.id_order, ids, mode="clip").astype(ids_dtype, copy=False)
         mask = np.unpackbits(s["row_mask"][local], axis=1, count=self.seq_len, bitorder="little").astype(bool)
-        return ids, vals, lse, mask
+        return ids, vals, lse, np.asarray(s["log_tail"][rows], dtype=np.float32), mask
 
 
 def _gather_ranges(stream: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,10 +205,15 @@ class TeacherCache:
             self._shards[index] = _Shard(self.dir / entry["file"], entry, self.manifest)
         return self._shards[index]
 
-    def rows(self, indices, ids_dtype=np.int32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def tail_temperatures(self) -> tuple[float, ...]:
+        """The temperatures at which every row carries the teacher's log tail mass (teacher.tails)."""
+        return tuple(self.manifest["tail_temperatures"])
+
+    def rows(self, indices, ids_dtype=np.int32):
         """Stored rows of samples `indices`, in order: ids [R, K] (`ids_dtype`, int32 or int64), raw
-        logits fp32 [R, K], lse [R], and the positions that hold them, bool [B, L] (row-major order
-        of the True entries)."""
+        logits fp32 [R, K], lse [R], log tail masses fp32 [R, nT], and the positions that hold them,
+        bool [B, L] (row-major order of the True entries)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.manifest["num_samples"]):
             raise IndexError(f"sample index out of range [0, {self.manifest['num_samples']})")
@@ -220,39 +225,50 @@ class TeacherCache:
             if len(run) == 0:
                 continue
             sh = self.shard(int(shard_of[run[0]]))
-            ids, vals, lse, mask = sh.decode(idx[run] - sh.start, ids_dtype)
-            parts.append((ids, vals, lse))
+            *rows, mask = sh.decode(idx[run] - sh.start, ids_dtype)
+            parts.append(rows)
             masks[run] = mask
         if len(parts) == 1:
             return (*parts[0], masks)
-        return (*(np.concatenate([p[i] for p in parts]) for i in range(3)), masks)
+        if not parts:
+            k, nt = self.manifest["k"], len(self.tail_temperatures)
+            return (np.zeros((0, k), ids_dtype), np.zeros((0, k), np.float32), np.zeros(0, np.float32),
+                    np.zeros((0, nt), np.float32), masks)
+        return (*(np.concatenate([p[i] for p in parts]) for i in range(4)), masks)
 
     def fetch(self, indices: torch.Tensor, k: int | None = None):
-        """Teacher signal for samples `indices` (int64 [B]): ids int64 [B, L, k], logits fp32 [B, L, k], lse fp32 [B, L].
+        """Teacher signal for samples `indices` (int64 [B]): ids int64 [B, L, k], logits fp32 [B, L, k],
+        lse fp32 [B, L], log tail masses fp32 [B, L, nT] (at `tail_temperatures`).
 
         ``logits - lse[..., None]`` are the teacher's full-vocabulary log-probabilities (T=1). The k
         entries of a row are in storage order (ascending id, or ascending frequency rank in shards
         that code ids as ranks; not value order). Positions without a stored
         row (``targets == IGNORE_INDEX``) hold zeros. With ``k`` below the cache's k, each row keeps
-        its k most probable entries.
+        its k most probable entries and the others move into its tail (teacher.tails.drop_to_k).
         """
         kk = self.manifest["k"] if k is None else k
         if kk > self.manifest["k"]:
             raise UserError(f"teacher cache {self.dir} keeps k={self.manifest['k']} logits per token, asked for {kk}")
-        ids, vals, lse, mask = self.rows(indices.cpu().numpy() if torch.is_tensor(indices) else indices, np.int64)
-        ids, vals = torch.from_numpy(ids), torch.from_numpy(vals)
+        ids, vals, lse, tails, mask = self.rows(indices.cpu().numpy() if torch.is_tensor(indices) else indices, np.int64)
+        ids, vals, tails = torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(tails)
         if kk < ids.shape[1]:
-            vals, pick = vals.topk(kk, dim=1, sorted=False)
-            ids = ids.gather(1, pick)
+            from dist_distill.teacher.tails import drop_to_k
+
+            top, pick = vals.topk(kk, dim=1, sorted=False)
+            keep = torch.zeros_like(vals, dtype=torch.bool).scatter_(1, pick, True)
+            tails = drop_to_k(vals, tails, keep, self.tail_temperatures)
+            vals, ids = top, ids.gather(1, pick)
         b, length = mask.shape
-        lse = torch.from_numpy(lse)
+        lse, nt = torch.from_numpy(lse), tails.shape[1]
         if mask.all():  # every position holds a row: the rows are the [B, L] grid already
-            return ids.view(b, length, kk), vals.view(b, length, kk), lse.view(b, length)
+            return ids.view(b, length, kk), vals.view(b, length, kk), lse.view(b, length), tails.view(b, length, nt)
         where = torch.from_numpy(np.flatnonzero(mask.reshape(-1)))
         out_ids = torch.zeros(b * length, kk, dtype=torch.int64).index_copy_(0, where, ids)
         out_vals = torch.zeros(b * length, kk, dtype=torch.float32).index_copy_(0, where, vals)
         out_lse = torch.zeros(b * length, dtype=torch.float32).index_copy_(0, where, lse)
-        return out_ids.view(b, length, kk), out_vals.view(b, length, kk), out_lse.view(b, length)
+        out_tails = torch.zeros(b * length, nt, dtype=torch.float32).index_copy_(0, where, tails)
+        return (out_ids.view(b, length, kk), out_vals.view(b, length, kk), out_lse.view(b, length),
+                out_tails.view(b, length, nt))
 
     def row_mask(self, indices) -> torch.Tensor:
         """bool [B, L]: the positions of samples `indices` that hold a teacher row."""
@@ -278,7 +294,8 @@ def info_text(cache_dir: str | Path) -> str:
     codec_line = m["codec"]["mode"] + (f" (max top-k KL bound {m['codec']['max_kl']:g} nats)" if m["codec"]["mode"] == "kl" else "")
     return (f"format {m['format']}  k={m['k']}  samples={m['num_samples']}  tokens with a row={m['rows']}  "
             f"vocab={m['vocab_size']}  seq_len={m['seq_len']}\n"
-            f"codec {codec_line}\n"
+            f"codec {codec_line}; exact tail mass outside the top-k at T = "
+            f"{', '.join(f'{t:g}' for t in m['tail_temperatures'])}\n"
             f"bytes/token={size / rows:.1f}  (all files: {size} bytes)\n"
             f"vs dense bf16 logits ({dense} bytes/token): {dense * rows / size:.1f}x smaller\n"
             f"vs raw top-k bf16 values + int32 ids + fp32 lse ({raw} bytes/token): {raw * rows / size:.2f}x smaller\n"
@@ -319,7 +336,9 @@ class CacheTeacher:
         self.cache, self.top_k, self.device = cache, top_k, device
 
     def signal(self, indices: torch.Tensor, batch: dict) -> TeacherSignal:
-        ids, logits, lse = self.cache.fetch(indices, self.top_k)
+        ids, logits, lse, tails = self.cache.fetch(indices, self.top_k)
         mask = batch["targets"].cpu() != IGNORE_INDEX
-        return TeacherSignal(topk=(ids[mask].to(self.device), logits[mask].to(self.device), lse[mask].to(self.device)))
+        return TeacherSignal(topk=(ids[mask].to(self.device), logits[mask].to(self.device), lse[mask].to(self.device)),
+                             log_tails=tails[mask].to(self.device), tail_temperatures=self.cache.tail_temperatures,
+                             source=f"teacher cache {self.cache.dir}")
 

@@ -23,9 +23,10 @@ from dist_distill.teacher.cache.format import (FORMAT, MANIFEST, lock_path, samp
 
 
 
-def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float, start: int = 0,
-                 stop: int | None = None) -> tuple[list, dict, dict]:
-    """Code rows (ids [R, k], raw logits [R, k], lse [R]) of samples whose row positions are `mask` [n, L]."""
+def encode_shard(ids, vals, lse, log_tails, mask, vocab_size: int, mode: str, max_kl: float, start: int = 0,
+                 stop: int | None = None, tail_temperatures=(1.0,)) -> tuple[list, dict, dict]:
+    """Code rows (ids [R, k], raw logits [R, k], lse [R], log tail masses [R, nT] at `tail_temperatures`,
+    stored exactly as float32) of samples whose row positions are `mask` [n, L]."""
     n, seq_len = mask.shape
     k = ids.shape[1]
     table, ranks, id_space = frequency_ranks(np.asarray(ids), vocab_size)
@@ -47,11 +48,13 @@ def encode_shard(ids, vals, lse, mask, vocab_size: int, mode: str, max_kl: float
     }
     if mode == "lossless":
         sections["values"] = enc["values"]
+    log_tails = np.asarray(log_tails, dtype=np.float32).reshape(len(ids), len(tail_temperatures))
+    sections["log_tail"] = log_tails
     sections["sample_crc"] = sample_checksums(sections, row_start, sections["a_start"], sections["b_start"])
     sections.update(table or {})
     meta = {"k": k, "mode": mode, "value_dtype": enc["value_dtype"], "num_samples": n, "seq_len": seq_len,
             "rows": int(len(ids)), "start": start, "stop": start + n if stop is None else stop,
-            "vocab_size": vocab_size, "id_space": id_space}
+            "vocab_size": vocab_size, "id_space": id_space, "tail_temperatures": [float(t) for t in tail_temperatures]}
     parts, header = serialise_shard(sections, meta)
     kl, err = enc["stats"]["kl"], enc["stats"]["max_abs_err"]
     rkl = enc["stats"].get("rkl", np.zeros(0))
@@ -126,10 +129,11 @@ def _write_failure(cache_dir: Path, file: Path, size: int, why: str) -> str:
 def expected_manifest(recipe, tokenizer, data, vocab_size: int) -> dict:
     """The fingerprint fields a cache for this recipe must have (what `check_matches` compares)."""
     from dist_distill.models.loading import model_fingerprint, tokenizer_fingerprint
+    from dist_distill.teacher.tails import tail_temperatures
 
     return {
         "format": FORMAT, "k": recipe.teacher_source.top_k, "seq_len": recipe.data.max_seq_len,
-        "vocab_size": vocab_size, "num_samples": len(data),
+        "vocab_size": vocab_size, "num_samples": len(data), "tail_temperatures": list(tail_temperatures(recipe)),
         "teacher": model_fingerprint(recipe.teacher, tokenizer),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "dataset": {"source": data.source, "split": recipe.data.split, "max_samples": recipe.data.max_samples,
@@ -144,7 +148,9 @@ IDENTITY = [("teacher config", ("teacher", "config_sha256")), ("teacher weights"
             ("target positions (prompt/answer split)", ("dataset", "targets_sha256")),
             ("number of samples", ("num_samples",)), ("sequence length", ("seq_len",)), ("vocabulary size", ("vocab_size",)),
             ("top-k (teacher_source.top_k)", ("k",)), ("samples per shard", ("samples_per_shard",)),
-            ("codec", ("codec", "mode")), ("KL bound (--max-kl)", ("codec", "max_kl")), ("format", ("format",))]
+            ("codec", ("codec", "mode")), ("KL bound (--max-kl)", ("codec", "max_kl")),
+            ("tail temperatures (loss.temperature, teacher_source.tail_temperatures)", ("tail_temperatures",)),
+            ("format", ("format",))]
 """What binds a cache directory to one build: (what, path in the manifest)."""
 
 
@@ -246,6 +252,7 @@ def load_cache_teacher(recipe, layout: BuildLayout, quantize: str, device: torch
     bitsandbytes 8/4-bit), or with teacher_source.tp_size > 1 this rank's TP shards only, read
     from the safetensors files (the 8-bit option then quantises the shards)."""
     from dist_distill.teacher.scorer import TeacherScorer
+    from dist_distill.teacher.tails import tail_temperatures
 
     k = recipe.teacher_source.top_k
     if layout.tp_size == 1:
@@ -256,7 +263,7 @@ def load_cache_teacher(recipe, layout: BuildLayout, quantize: str, device: torch
             model = load_model(recipe.teacher, "teacher").to(device).eval()
         else:
             model = load_model(recipe.teacher, "teacher", **bnb_kwargs(quantize, device, f"--quantize {quantize}")).eval()
-        scorer = TeacherScorer(model, vocab_size, k)
+        scorer = TeacherScorer(model, vocab_size, k, temperatures=tail_temperatures(recipe))
     else:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -267,15 +274,16 @@ def load_cache_teacher(recipe, layout: BuildLayout, quantize: str, device: torch
                             "TP shards); use --quantize 8bit or none")
         mesh = init_device_mesh(device.type, (layout.dp_size, layout.tp_size), mesh_dim_names=("dp", "tp"))
         model, offset = load_teacher_shards(recipe.teacher, mesh["tp"], device, quantize == "8bit")
-        scorer = TeacherScorer(model, vocab_size, k, tp_group=mesh["tp"].get_group(), vocab_offset=offset)
+        scorer = TeacherScorer(model, vocab_size, k, tp_group=mesh["tp"].get_group(), vocab_offset=offset,
+                               temperatures=tail_temperatures(recipe))
     if scorer.model.config.vocab_size < vocab_size:
         raise UserError(f"teacher vocab_size={scorer.model.config.vocab_size} is smaller than its tokenizer's {vocab_size}")
     return scorer
 
 
 def score_rows(scorer, data, batches: list[tuple[int, int]], bar=None, bar_scale: int = 1) -> tuple[torch.Tensor, int]:
-    """The scorer's rows for the samples of `batches`, in order, as one CPU float32 [R, 2k + 1]
-    (signal.pack_rows: raw logits | ids as int32 bits | lse), and the tokens scored."""
+    """The scorer's rows for the samples of `batches`, in order, as one CPU float32 [R, 2k + 1 + nT]
+    (signal.pack_rows: raw logits | ids as int32 bits | lse | log tail masses), and the tokens scored."""
     parts, tokens = [], 0
     for i, j in batches:
         parts.append(pack_rows(*scorer.score(data.input_ids[i:j], data.attention_mask[i:j], data.targets[i:j])).cpu())
@@ -283,7 +291,7 @@ def score_rows(scorer, data, batches: list[tuple[int, int]], bar=None, bar_scale
         tokens += n
         if bar is not None:
             bar.update(n * bar_scale)
-    return (torch.cat(parts) if parts else torch.zeros(0, 2 * scorer.k + 1)), tokens
+    return (torch.cat(parts) if parts else torch.zeros(0, 2 * scorer.k + 1 + len(scorer.temperatures))), tokens
 
 
 def _plan(cache_dir: Path, layout: BuildLayout, num_total: int, stack: contextlib.ExitStack, build_sha: str) -> list[int]:
@@ -412,10 +420,11 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
             if layout.rank != writer:  # hand the rows to the shard's writer; keep the tensor alive until sent
                 pending.append((torch.distributed.isend(piece, writer, group=_cpu_group(), tag=s), piece))
                 continue
-            pieces = _gather_pieces(piece, data, layout, s, start, stop, ts.batch_size, 2 * k + 1)
-            ids, vals, lse = unpack_rows_numpy(torch.cat(pieces).numpy(), k)
+            pieces = _gather_pieces(piece, data, layout, s, start, stop, ts.batch_size, piece.shape[1])
+            ids, vals, lse, log_tails = unpack_rows_numpy(torch.cat(pieces).numpy(), k)
             mask = (data.targets[start:stop] != IGNORE_INDEX).numpy()
-            parts, _, stats = encode_shard(ids, vals, lse, mask, vocab_size, mode, max_kl, start, stop)
+            parts, _, stats = encode_shard(ids, vals, lse, log_tails, mask, vocab_size, mode, max_kl, start, stop,
+                                           manifest["tail_temperatures"])
             for stale in cache_dir.glob(f".{shard_name(s)}.*.tmp*"):  # a killed writer's leftovers, never read
                 stale.unlink(missing_ok=True)
             write_shard(cache_dir, s, start, stop, parts, stats, build)

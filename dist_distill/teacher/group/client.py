@@ -19,12 +19,14 @@ class GroupTeacher:
     """Student-side source: receives the teacher group's top-k signal for each micro-batch.
 
     Same contract as CacheTeacher: ``signal(indices, batch)`` gives TeacherSignal(topk=(ids int64
-    [n, k], raw logits fp32 [n, k], lse fp32 [n])) for the n target tokens of the batch.
+    [n, k], raw logits fp32 [n, k], lse fp32 [n]), log_tails fp32 [n, nT]) for the n target tokens
+    of the batch (`temperatures`: the recipe's tail temperatures, which the teacher computes too).
     """
 
     def __init__(self, roles: Roles, bridge, top_k: int, device, step_fn, timeout_s: float,
-                 log_path: str | Path | None = None, startup_s: float = STARTUP_TIMEOUT_S):
+                 log_path: str | Path | None = None, startup_s: float = STARTUP_TIMEOUT_S, temperatures=(1.0,)):
         self.roles, self.bridge, self.k, self.device, self.step_fn = roles, bridge, top_k, device, step_fn
+        self.temperatures = tuple(temperatures)
         self.timeout_s, self.startup_s = timeout_s, max(startup_s, timeout_s)
         self.student = roles.rank - roles.num_teachers
         self.leader = roles.leader_of(self.student)
@@ -64,18 +66,19 @@ class GroupTeacher:
                 f"{got.tolist()}: teacher and student disagree on the data order (same recipe, seed, data and "
                 "launch shape on both roles?)")
         mask = batch["targets"].cpu() != IGNORE_INDEX
-        if rows != int(mask.sum()) or k < self.k:
+        if rows != int(mask.sum()) or k != self.k:
             raise TeacherGroupError(f"teacher group: got {rows} rows x top-{k} for a batch with {int(mask.sum())} "
                                     f"target tokens and teacher_source.top_k={self.k}")
-        payload = torch.empty(rows, 2 * k + 1, dtype=torch.float32)
+        payload = torch.empty(rows, 2 * k + 1 + len(self.temperatures), dtype=torch.float32)
         self._recv(payload, step, micro)
         wait = time.perf_counter() - t0
         if self.log:
             self.log.write(json.dumps({"step": step + 1, "micro": micro, "wait_s": wait}) + "\n")
             self.log.flush()
-        ids, logits, lse = unpack(payload, k)
-        return TeacherSignal(topk=(ids[:, :self.k].to(self.device), logits[:, :self.k].to(self.device),
-                                   lse.to(self.device)))
+        ids, logits, lse, log_tails = unpack(payload, k)
+        return TeacherSignal(topk=(ids.to(self.device), logits.to(self.device), lse.to(self.device)),
+                             log_tails=log_tails.to(self.device), tail_temperatures=self.temperatures,
+                             source=f"teacher group (teacher rank {self.leader})")
 
 
 def group_teacher(recipe, device, step_fn) -> GroupTeacher:
@@ -84,5 +87,7 @@ def group_teacher(recipe, device, step_fn) -> GroupTeacher:
     out = Path(recipe.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     student = roles.rank - roles.num_teachers
+    from dist_distill.teacher.tails import tail_temperatures
+
     return GroupTeacher(roles, pg, recipe.teacher_source.top_k, device, step_fn, recipe.teacher_source.timeout_s,
-                        out / f"teacher-wait-rank{student}.jsonl", startup_timeout_s(recipe))
+                        out / f"teacher-wait-rank{student}.jsonl", startup_timeout_s(recipe), tail_temperatures(recipe))

@@ -153,6 +153,7 @@ def serve(recipe, roles: Roles, bridge) -> None:
     from dist_distill.data.records import load_tokenized
     from dist_distill.training.distributed import default_backend
     from dist_distill.models.loading import load_tokenizer, tokenizer_fingerprint
+    from dist_distill.teacher.tails import tail_temperatures
     from dist_distill.training.distributed import get_accelerator_device
 
     ts = recipe.teacher_source
@@ -178,7 +179,8 @@ def serve(recipe, roles: Roles, bridge) -> None:
             raise UserError(f"teacher vocab_size={model.config.vocab_size} is smaller than its tokenizer's {vocab}")
         _write_shard_report(recipe, roles, model)
         tp_group = mesh["tp"].get_group()
-        scorer = TeacherScorer(model, vocab, ts.top_k, tp_group=tp_group if ts.tp_size > 1 else None, vocab_offset=offset)
+        scorer = TeacherScorer(model, vocab, ts.top_k, tp_group=tp_group if ts.tp_size > 1 else None, vocab_offset=offset,
+                               temperatures=tail_temperatures(recipe))
         TeacherServer(recipe, roles, bridge, scorer, tp_group, TeacherData(data.input_ids, data.attention_mask,
                                                                            data.targets)).run()
     except RuntimeError as err:
