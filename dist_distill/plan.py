@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="dense bf16 peak per GPU in TFLOP/s (default 989: H100 SXM; A100: 312)")
     parser.add_argument("--runtime-overhead", default="2GiB",
                         help="per-GPU allowance for CUDA context, NCCL and allocator fragmentation (default 2GiB)")
+    parser.add_argument("--target-fraction", type=float, default=1.0,
+                        help="share of a micro-batch's tokens that are loss targets (answers), sizing the fused "
+                             "loss's rows (default 1.0, the upper bound)")
     parser.add_argument("--student-config", default=None, help="student config.json (or its folder) to plan with")
     parser.add_argument("--teacher-config", default=None, help="teacher config.json (or its folder) to plan with")
     parser.add_argument("--dry-run", action="store_true",
@@ -68,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.teacher_config:
         raise UserError("--teacher-config given but the recipe has no teacher.name_or_path")
     if args.dry_run:
-        run, plan = dry_run(recipe, student, teacher, cluster, args.recipe)
+        run, plan = dry_run(recipe, student, teacher, cluster, args.recipe, args.target_fraction)
         if plan is not None:
             print(format_plan(plan))
             print()
         print(run.format())
         return 0 if run.passed() else 1
-    plan = plan_recipe(recipe, student, teacher, cluster, args.recipe)
+    plan = plan_recipe(recipe, student, teacher, cluster, args.recipe, args.target_fraction)
     print(format_plan(plan))
     return 0 if plan.fits() else 1
 

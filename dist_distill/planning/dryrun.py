@@ -208,7 +208,7 @@ def _check_data(run: DryRun, recipe) -> None:
 
 
 def dry_run(recipe, student: Architecture, teacher: Architecture | None, cluster: Cluster,
-            recipe_name: str = "recipe"):
+            recipe_name: str = "recipe", target_fraction: float = 1.0):
     """Run every check of the module docstring; returns (DryRun, Plan or None)."""
     run = DryRun(recipe_name)
     run.add("PASS", "recipe", "loads and validates (types, ranges, contradictions)")
@@ -231,7 +231,7 @@ def dry_run(recipe, student: Architecture, teacher: Architecture | None, cluster
             f"{world * op.micro_batch_size * op.grad_accum} sequences of {recipe.data.max_seq_len} per step, "
             f"{op.max_steps} steps, {resolve_precision(recipe)}")
     try:
-        plan = plan_recipe(recipe, student, teacher, cluster, recipe_name)
+        plan = plan_recipe(recipe, student, teacher, cluster, recipe_name, target_fraction)
     except UserError as err:
         run.add("FAIL", "memory plan", str(err))
         return run, None

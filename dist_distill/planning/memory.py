@@ -26,6 +26,12 @@ layers (RMSNorm keeps a float32 copy of its input and its normalised output; q a
 the attention output; the SwiGLU MLP's gate, up, SiLU(gate) and product), with flash attention
 (no [S, S] scores) unless the recipe asks for eager/sdpa, where the probabilities are kept too.
 With gradient checkpointing each layer keeps only its input, and one layer is recomputed at a time.
+
+Not every term is alive at once. The plan adds the terms alive at each of the two moments a step
+peaks -- at the loss (every activation saved, the fused loss's float32 accumulator and chunk buffers)
+and at the start of the backward pass (activations, a recomputed layer, whole gradients in flight) --
+and reports the larger sum. On 2-rank CPU runs this total came within 25 % of the measured peak
+(tests/test_plan.py); adding every term instead overestimated it by up to 2.4x.
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ DS_ZERO_DEFAULTS = {"reduce_bucket_size": int(5e8), "sub_group_size": int(1e9), 
                     "stage3_max_live_parameters": int(1e9), "stage3_param_persistence_threshold": int(1e5)}
 """DeepSpeed 0.19's defaults for the zero_optimization keys the plan reads (runtime/zero/config.py)."""
 TORCH_CHUNK_FACTOR = 357 / 256
-"""PyTorch fused-loss path: peak over its chunk budget, measured on CPU at the 256 MiB default
-(357 MiB; kernels/fused_linear_distill.py, docs/benchmarks.md). Triton works in place: factor 1."""
+"""PyTorch fused-loss path: peak over its chunk budget, measured on CPU at the 256 MiB default for a KL
+against a teacher (357 MiB; kernels/fused_linear_distill.py, docs/benchmarks.md). Hard-label CE alone holds
+fewer buffers (measured: ~4 [rows, V] float32 of the 7 the budget assumes), so there the term is an
+overestimate. Triton works in place: factor 1 (not measured here: no GPU)."""
 TEACHER_LOGITS_CHUNK = 256 << 20
 """A group teacher rank's vocab-parallel logits chunk budget (teacher/group/roles.py LOGITS_CHUNK_BYTES)."""
 
@@ -80,12 +88,22 @@ class Cluster:
             raise UserError(f"--peak-tflops={self.peak_tflops}: must be > 0")
 
 
+ALWAYS = ("forward", "backward")
+"""Alive through the whole step (partitions, preallocated buffers, the runtime)."""
+FORWARD, BACKWARD = ("forward",), ("backward",)
+"""The two moments a step's GPU memory peaks: at the loss (end of the forward pass, every activation
+saved, the fused loss's buffers alive) and at the start of the backward pass (activations still saved,
+a recomputed layer, gradients in flight). The plan's total is the larger of the two."""
+
+
 @dataclass
 class Term:
     name: str
     bytes: int
     where: str = "gpu"
     note: str = ""
+    phases: tuple[str, ...] = ALWAYS
+    """When the term is alive: FORWARD (at the loss), BACKWARD, or both."""
 
 
 @dataclass
@@ -96,10 +114,20 @@ class RolePlan:
     ranks: int
     terms: list[Term] = field(default_factory=list)
 
-    def add(self, name: str, nbytes: float, where: str = "gpu", note: str = "") -> None:
-        self.terms.append(Term(name, int(nbytes), where, note))
+    def add(self, name: str, nbytes: float, where: str = "gpu", note: str = "", phases=ALWAYS) -> None:
+        self.terms.append(Term(name, int(nbytes), where, note, tuple(phases)))
+
+    def phase_total(self, phase: str) -> int:
+        """GPU bytes alive at `phase` ("forward": at the loss; "backward": at the start of the backward pass)."""
+        return sum(t.bytes for t in self.terms if t.where == "gpu" and phase in t.phases)
+
+    def peak_phase(self) -> str:
+        return max(ALWAYS, key=self.phase_total)
 
     def total(self, where: str = "gpu") -> int:
+        """The GPU peak (the larger phase); for where="host", every host-resident term."""
+        if where == "gpu":
+            return self.phase_total(self.peak_phase())
         return sum(t.bytes for t in self.terms if t.where == where)
 
     def largest(self) -> Term:
@@ -161,8 +189,13 @@ def layer_activation_bytes(arch: Architecture, tokens: int, seq: int, elem: int,
 
 
 def plan_recipe(recipe, student: Architecture, teacher: Architecture | None, cluster: Cluster,
-                recipe_name: str = "recipe") -> Plan:
-    """The per-GPU memory plan and throughput estimate of `recipe` on `cluster` (see module docstring)."""
+                recipe_name: str = "recipe", target_fraction: float = 1.0) -> Plan:
+    """The per-GPU memory plan and throughput estimate of `recipe` on `cluster` (see module docstring).
+
+    `target_fraction`: the share of a micro-batch's tokens that are loss targets (answer tokens), which
+    sizes the fused loss's rows; 1.0 (every token) is the upper bound, and close for reasoning traces,
+    whose answers are most of each sample.
+    """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     cluster.check()
@@ -190,8 +223,8 @@ def plan_recipe(recipe, student: Architecture, teacher: Architecture | None, clu
     s.add("fp32 sub-group gradient buffer", 4 * sub, "host" if off_opt else "gpu",
           f"4 B x min(sub_group_size={zero['sub_group_size']:.3g}, partition)" if not off_opt else "4 B x partition")
     largest = student.largest_module_params
-    s.add(f"largest module gathered + its gradient ({student.largest_module})", 2 * elem * largest, "gpu",
-          f"2 x {elem} B x {largest:,}")
+    s.add(f"largest module gathered ({student.largest_module})", elem * largest, "gpu", f"{elem} B x {largest:,}")
+    s.add("its whole gradient before reduce-scatter", elem * largest, "gpu", f"{elem} B x {largest:,}", BACKWARD)
     model_states = sum(t.bytes for t in s.terms if t.where == "gpu")
     prefetch = min(zero["stage3_prefetch_bucket_size"], zero["stage3_max_live_parameters"], psi)  # never more than the model
     s.add("prefetch bucket", elem * prefetch, "gpu", f"stage3_prefetch_bucket_size={prefetch:.3g} params")
@@ -200,18 +233,24 @@ def plan_recipe(recipe, student: Architecture, teacher: Architecture | None, clu
 
     seq, micro = recipe.data.max_seq_len, op.micro_batch_size
     tokens = seq * micro
+    if not 0 < target_fraction <= 1:
+        from dist_distill.errors import UserError
+
+        raise UserError(f"--target-fraction={target_fraction}: expected a fraction in (0, 1] of a micro-batch's "
+                        "tokens that are loss targets (answer tokens)")
+    targets = max(1, int(tokens * target_fraction))  # rows of the fused loss
     attention = recipe.student.attn_implementation
     attention = "flash_attention_2" if attention == "auto" else attention
     per_layer = layer_activation_bytes(student, tokens, seq, elem, attention)
     if op.gradient_checkpointing:
         s.add("activations: layer inputs kept (checkpointing)", student.num_layers * elem * tokens * student.hidden,
               "gpu", f"{student.num_layers} layers x {elem} B x {tokens:,} tokens x {student.hidden}")
-        s.add("activations: one layer recomputed", per_layer, "gpu", f"{tokens:,} tokens, {attention}")
+        s.add("activations: one layer recomputed", per_layer, "gpu", f"{tokens:,} tokens, {attention}", BACKWARD)
     else:
         s.add("activations (no checkpointing)", student.num_layers * per_layer, "gpu",
               f"{student.num_layers} layers x {per_layer / GIB:.2f} GiB at {tokens:,} tokens, {attention}")
     s.add("backward working gradients", 2 * elem * tokens * max(student.intermediate, student.hidden), "gpu",
-          "two [tokens, intermediate] gradients in flight")
+          "two [tokens, intermediate] gradients in flight", BACKWARD)
     vocab, hid = student.vocab, student.hidden
     if recipe.loss.fused:
         from dist_distill.kernels.fused_linear_distill import chunk_rows
@@ -219,26 +258,32 @@ def plan_recipe(recipe, student: Architecture, teacher: Architecture | None, clu
         budget = int(recipe.loss.chunk_mib * 2**20)
         backend = recipe.loss.backend if recipe.loss.backend != "auto" else "triton"
         rows = chunk_rows(budget, vocab, backend, dense_teacher=False)
-        chunk = budget * min(rows, tokens) / rows  # a micro-batch smaller than one chunk uses less
+        chunk = budget * min(rows, targets) / rows  # a micro-batch smaller than one chunk uses less
         chunk *= TORCH_CHUNK_FACTOR if backend == "torch" else 1.0
-        s.add("fused loss: float32 lm_head gradient accumulator", 4 * vocab * hid, "gpu", f"4 B x [{vocab}, {hid}]")
-        s.add(f"fused loss: chunk buffers ({backend})", chunk, "gpu", f"loss.chunk_mib={recipe.loss.chunk_mib:g}")
-        s.add("fused loss: hidden states and their gradient", 2 * elem * tokens * hid, "gpu",
-              f"2 x [{tokens:,}, {hid}]")
+        s.add("fused loss: float32 lm_head gradient accumulator", 4 * vocab * hid, "gpu", f"4 B x [{vocab}, {hid}]",
+              FORWARD)
+        if elem != 4:  # in float32 the accumulator is the saved gradient
+            s.add("fused loss: lm_head gradient saved for backward", elem * vocab * hid, "gpu",
+                  f"{elem} B x [{vocab}, {hid}] (the backward's whole gradient above)", FORWARD)
+        s.add(f"fused loss: chunk buffers ({backend})", chunk, "gpu",
+              f"loss.chunk_mib={recipe.loss.chunk_mib:g}, {min(rows, targets):,} rows", FORWARD)
+        s.add("fused loss: target hidden states and their gradient", 2 * elem * targets * hid, "gpu",
+              f"2 x [{targets:,}, {hid}]")
     else:
-        s.add("materialised logits (loss.fused=false)", 3 * 4 * tokens * vocab, "gpu",
-              f"float32 logits, softmax and gradient [{tokens:,}, {vocab}]")
+        s.add("materialised logits (loss.fused=false)", 3 * 4 * targets * vocab, "gpu",
+              f"float32 logits, softmax and gradient [{targets:,}, {vocab}]", FORWARD)
     k = ts.top_k
     if ts.kind == "cache":
-        s.add("cache reader: top-k rows of a micro-batch", tokens * (2 * k + 1) * 4, "gpu", f"[{tokens:,}, 2k+1] fp32")
+        s.add("cache reader: top-k rows of a micro-batch", targets * (2 * k + 1) * 4, "gpu",
+              f"[{targets:,}, 2k+1] fp32", FORWARD)
     elif ts.kind == "group":
-        s.add("teacher signals in flight", ts.prefetch_micro_batches * tokens * (2 * k + 1) * 4, "gpu",
-              f"prefetch_micro_batches={ts.prefetch_micro_batches} x [{tokens:,}, 2k+1] fp32")
+        s.add("teacher signals in flight", ts.prefetch_micro_batches * targets * (2 * k + 1) * 4, "gpu",
+              f"prefetch_micro_batches={ts.prefetch_micro_batches} x [{targets:,}, 2k+1] fp32")
     elif ts.kind == "colocated" and teacher is not None:
         t_elem = 1 if ts.load_in_8bit else elem
         s.add("colocated teacher (replicated)", t_elem * teacher.total_params, "gpu", f"{teacher.total_params:,} params")
         s.add("colocated teacher: one layer's forward", layer_activation_bytes(teacher, tokens, seq, elem, attention),
-              "gpu", "no grad")
+              "gpu", "no grad", FORWARD)
     s.add("runtime (CUDA context, NCCL, allocator; assumed)", cluster.runtime_overhead, "gpu", "--runtime-overhead")
     roles = [s]
 
@@ -251,8 +296,8 @@ def plan_recipe(recipe, student: Architecture, teacher: Architecture | None, clu
               f"body / tp_size={ts.tp_size} in {'int8' if ts.load_in_8bit else precision}, embedding whole")
         # the group scores one student micro-batch at a time
         t.add("teacher forward: one layer (no grad)", layer_activation_bytes(teacher, tokens, seq, elem, attention)
-              // ts.tp_size, "gpu", f"{tokens:,} tokens / tp_size")
-        t.add("teacher vocab-parallel logits chunk", TEACHER_LOGITS_CHUNK, "gpu", "LOGITS_CHUNK_BYTES")
+              // ts.tp_size, "gpu", f"{tokens:,} tokens / tp_size", FORWARD)
+        t.add("teacher vocab-parallel logits chunk", TEACHER_LOGITS_CHUNK, "gpu", "LOGITS_CHUNK_BYTES", FORWARD)
         t.add("runtime (CUDA context, NCCL, allocator; assumed)", cluster.runtime_overhead, "gpu", "--runtime-overhead")
         roles.append(t)
 
@@ -312,15 +357,18 @@ def format_plan(plan: Plan) -> str:
                      f"({plan.teacher.active_params / 1e9:.1f}B active per token)")
     for role in plan.roles:
         lines.append("")
-        lines.append(f"per GPU, {role.role} rank ({role.ranks} of them):")
+        lines.append(f"per GPU, {role.role} rank ({role.ranks} of them); fwd: alive at the loss, bwd: at the start "
+                     "of the backward pass")
         for t in role.terms:
-            where = "" if t.where == "gpu" else "  [host]"
-            lines.append(f"  {t.name:<62}{_fmt(t.bytes)}{where}   {t.note}")
+            when = "host" if t.where == "host" else "+".join({"forward": "fwd", "backward": "bwd"}[p] for p in t.phases)
+            lines.append(f"  {t.name:<56}{_fmt(t.bytes)}  {when:<7}  {t.note}")
         total, largest = role.total(), role.largest()
         margin = c.gpu_mem - total
         verdict = "FITS" if margin >= 0 else "DOES NOT FIT"
-        lines.append(f"  {'total on the GPU':<62}{_fmt(total)}   {verdict}: margin {margin / GB:+.2f} GB of "
-                     f"{c.gpu_mem / GB:g} GB ({margin / c.gpu_mem:+.0%})")
+        lines.append(f"  {'alive at the loss (end of forward)':<56}{_fmt(role.phase_total('forward'))}")
+        lines.append(f"  {'alive at the start of backward':<56}{_fmt(role.phase_total('backward'))}")
+        lines.append(f"  {'peak on the GPU (' + role.peak_phase() + ')':<56}{_fmt(total)}  {verdict}: margin "
+                     f"{margin / GB:+.2f} GB of {c.gpu_mem / GB:g} GB ({margin / c.gpu_mem:+.0%})")
         lines.append(f"  largest term: {largest.name} ({largest.bytes / GB:.2f} GB)")
         host = role.total("host")
         if host:
