@@ -13,7 +13,12 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], prog: str, argv: list[str] | None = None) -> int:
-    """Run a command's `main`; a UserError becomes one readable paragraph on stderr and exit code 2."""
+    """Run a command's `main`; a UserError becomes one readable paragraph on stderr and exit code 2.
+    (``DD_CHECK_DEVICES=1``: the device test mode of training.device_check, for tests.)"""
+    if os.environ.get("DD_CHECK_DEVICES") == "1":
+        from dist_distill.training.device_check import install
+
+        install()
     try:
         return main(argv) or 0
     except UserError as err:

@@ -27,14 +27,18 @@ def local_device() -> torch.device:
         index = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
-    return torch.device("cpu")
+    from dist_distill.training import device_check
+
+    return device_check.ACCELERATOR if device_check.enabled() else torch.device("cpu")
 
 
 def get_accelerator_device() -> str:
     """This rank's device as a string: cuda:<current device> with CUDA, else cpu."""
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.current_device()}"
-    return "cpu"
+    from dist_distill.training import device_check
+
+    return str(device_check.ACCELERATOR) if device_check.enabled() else "cpu"
 
 
 def default_backend() -> str:
@@ -43,8 +47,11 @@ def default_backend() -> str:
 
 def mixed_backend() -> str:
     """gloo for CPU tensors and NCCL for CUDA tensors in one group ("cpu:gloo,cuda:nccl", torch's
-    per-device backends) with CUDA, else gloo: CPU bookkeeping stays legal next to NCCL collectives."""
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    per-device backends) with CUDA, else gloo: CPU bookkeeping stays legal next to NCCL collectives.
+    (In the device test mode, training.device_check, the CUDA string: the mode runs it as gloo.)"""
+    from dist_distill.training import device_check
+
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() or device_check.enabled() else "gloo"
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
@@ -57,7 +64,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     if world == 1 or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     backend = backend or default_backend()
-    if "nccl" in backend:
+    if "nccl" in backend and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
