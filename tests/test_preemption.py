@@ -103,7 +103,7 @@ def test_sbatch_requeues_on_75_only(tiny_world, tmp_path, srun_rc, requeued, rc)
         (bin_dir / name).chmod(0o755)
     env = quiet_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="777", SLURM_JOB_NUM_NODES="2",
                     SLURM_JOB_NODELIST="n[1-2]", SLURM_GPUS_ON_NODE="2", SLURM_SUBMIT_DIR=str(REPO), PYTHON=sys.executable,
-                    DD_EXIT_MINUTES="50")
+                    DD_EXIT_MINUTES="50", DD_LOGS=str(tmp_path / "logs"))
     proc = subprocess.run(["bash", "slurm/train.sbatch", "configs/tiny/distill.yaml",
                            *world_overrides(tiny_world, tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -42,6 +42,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, exit_duration_s: float | None = None):
         self.recipe = recipe
         self.exit_duration_s = exit_duration_s  # wall-clock budget of this process (training.preemption)
+        self.saved_step = None  # step of this process's newest checkpoint
         self.out = Path(recipe.output.dir)
         self.step = 0
         self.skips = None
@@ -143,6 +144,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write and commit checkpoints/step-<step> on every rank (training.checkpoint.save_checkpoint)."""
+        self.saved_step = self.step
         checkpoint.save_checkpoint(self.engine, self.out / "checkpoints", self.step, self.rank, self.world,
                                    self.trainer_state(), self.recipe, self.recipe.output.keep_last, self.device,
                                    on_written=self.faults.in_save)
@@ -243,15 +245,14 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 self.log.write(record)
-            saved = r.output.save_every and self.step % r.output.save_every == 0 and self.step < r.optim.max_steps
-            if saved:
+            if r.output.save_every and self.step % r.output.save_every == 0 and self.step < r.optim.max_steps:
                 self.save_checkpoint()
             if self.evaluator is not None:  # held-out metrics and the best checkpoint (training.periodic_eval)
                 self.evaluator.after_step(self)
             reason = self.preemption.should_stop(self.device)  # every rank, every step: one agreement
             if reason is not None and self.step < r.optim.max_steps:
                 bar.close()
-                if not saved:
+                if self.saved_step != self.step:  # not already saved at this step (save_every, best-checkpoint eval)
                     self.save_checkpoint()
                 write_requeue_file(self.step, reason)
                 raise Preempted(self.step, reason)
