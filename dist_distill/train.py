@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.help_recipe and args.recipe is None:
         parser.error("the recipe argument is required")
+    if args.exit_duration_mins is not None and not args.exit_duration_mins > 0:
+        parser.error(f"--exit-duration-mins={args.exit_duration_mins}: expected minutes > 0 (the run's wall-clock budget)")
     return args
 
 
@@ -63,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     from dist_distill.training.distributed import ensure_single_process_env
 
     ensure_single_process_env()
-    if args.exit_duration_mins is not None and args.exit_duration_mins <= 0:
-        raise UserError(f"--exit-duration-mins={args.exit_duration_mins}: must be > 0 (minutes)")
     trainer = Trainer(recipe, None if args.exit_duration_mins is None else args.exit_duration_mins * 60)
     try:
         trainer.setup()

@@ -2,7 +2,6 @@
 hostfiles, teacher/student layouts; the wrappers' torchrun command lines; bash -n and shellcheck on every
 sbatch script and launcher."""
 
-import os
 import shutil
 import subprocess
 import sys

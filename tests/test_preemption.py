@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, quiet_env, torchrun, world_overrides
+from conftest import REPO, quiet_env, run_cmd, torchrun, world_overrides
 from dist_distill.training.distributed import free_port
 from dist_distill.training.preemption import REQUEUE_EXIT_CODE
 
@@ -114,3 +114,10 @@ def test_sbatch_requeues_on_75_only(tiny_world, tmp_path, srun_rc, requeued, rc)
     assert lines[0].startswith("srun --ntasks-per-node=1") and "launch/torchrun.sh dist_distill.train" in lines[0]
     assert lines[0].endswith("--resume --exit-duration-mins 50")
     assert ("scontrol requeue 777" in lines) == requeued
+
+
+@pytest.mark.bad_inputs(1)
+def test_bad_budget_is_refused():
+    proc = run_cmd([sys.executable, "-m", "dist_distill.train", "configs/tiny/distill.yaml", "--exit-duration-mins", "0"],
+                   check=False, timeout=120)
+    assert proc.returncode == 2 and "--exit-duration-mins=0.0: expected minutes > 0" in proc.stderr
