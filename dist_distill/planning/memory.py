@@ -284,6 +284,12 @@ def plan_recipe(recipe, student: Architecture, teacher: Architecture | None, clu
         s.add("colocated teacher (replicated)", t_elem * teacher.total_params, "gpu", f"{teacher.total_params:,} params")
         s.add("colocated teacher: one layer's forward", layer_activation_bytes(teacher, tokens, seq, elem, attention),
               "gpu", "no grad", FORWARD)
+        if recipe.uses_term("hidden"):
+            pairs = len(recipe.intermediate.layer_map or []) or student.num_layers  # uniform map: one per student layer
+            s.add("intermediate: teacher hidden states of mapped layers", (pairs + 1) * elem * tokens * teacher.hidden,
+                  "gpu", f"{pairs} pairs x [{tokens:,}, {teacher.hidden}] (output_hidden_states)")
+            s.add("intermediate: projections' saved activations", 3 * pairs * elem * tokens * teacher.hidden, "gpu",
+                  f"~3 x [{tokens:,}, {teacher.hidden}] per pair ({recipe.intermediate.projection}; estimated, not measured)")
     s.add("runtime (CUDA context, NCCL, allocator; assumed)", cluster.runtime_overhead, "gpu", "--runtime-overhead")
     roles = [s]
 
