@@ -57,9 +57,31 @@ class DataSpec:
     answer_field: str = "answer"
     """Record field holding the answer; its tokens (and EOS) are the training targets."""
     max_seq_len: int = 32
-    """Tokens per sample after padding (prompt + answer + EOS must fit; longer records are refused)."""
+    """Tokens per sample after padding (prompt + answer + EOS must fit; longer records: see `too_long`)."""
     max_samples: Optional[int] = None
     """Use only the first N records of the training data (None: all)."""
+    revision: Optional[str] = None
+    """Hub dataset revision (branch, tag or commit) read with `split`; ignored for local files. Pin it:
+    an unpinned hub dataset is keyed in the token store by its name alone."""
+    format: Literal["auto", "prompt_answer", "messages"] = "auto"
+    """Record shape. "prompt_answer": the prompt_field / answer_field columns; "messages": chat turns in
+    messages_field rendered with the student tokenizer's chat template; "auto": messages when the
+    records have a messages_field column, else prompt_answer."""
+    messages_field: str = "messages"
+    """Record field holding chat turns: a list of {"role": ..., "content": str}."""
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """format=messages: which tokens are training targets: every assistant turn, the last assistant
+    turn only, or every token of the rendered conversation."""
+    too_long: Literal["fail", "skip", "truncate"] = "fail"
+    """A record longer than max_seq_len: stop with an error naming it, drop it (counted), or keep its
+    first max_seq_len tokens (counted; dropped if no target token is left)."""
+    bad_rows: Literal["fail", "skip"] = "fail"
+    """A record that is empty, lacks a field, has a field of the wrong type or cannot be decoded
+    (invalid JSON / UTF-8, a chat template that fails): stop with an error naming it, or drop it
+    (counted by kind, reported at start-up and in the store's metadata)."""
+    store_dir: Optional[str] = None
+    """Where tokenized stores live (one folder per fingerprint of data, tokenizer, template and these
+    settings). None: $DD_DATA_STORE, else ~/.cache/dist_distill/token_store."""
 
 
 @dataclass

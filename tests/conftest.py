@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 # `python -m pytest` from the root puts the root on sys.path, where kernels/ would pass for the PyPI
 # `kernels` package (transformers probes for it); launch/test.sh also sets PYTHONSAFEPATH=1
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+
+# Token stores (data/store.py) of this test session in one temporary folder, inherited by subprocesses,
+# instead of ~/.cache/dist_distill/token_store.
+os.environ.setdefault("DD_DATA_STORE", tempfile.mkdtemp(prefix="dd-test-store-"))
 
 # Small tensors on 2 shared cores: one intra-op thread is much faster and avoids oversubscription.
 torch.set_num_threads(1)

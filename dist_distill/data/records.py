@@ -1,98 +1,132 @@
-"""Prompt/answer records -> fixed-length token tensors with next-token targets.
+"""Records -> fixed-length token batches with next-token targets, read from the token store.
 
-Each sample is ``<bos> prompt answer <eos> <pad>...`` of length `max_seq_len`. Targets are
-already shifted: ``targets[t]`` is the token the model must predict from position t, set
-only where that token belongs to the answer (or is the final EOS); every other position is
-``IGNORE_INDEX``. The teacher cache stores its signal at the same positions, so cache rows
-and student tokens align by (sample index, position).
+Each sample is ``<bos> prompt answer <eos> <pad>...`` of length `max_seq_len` (or a chat
+conversation rendered with the tokenizer's template, see data/rows.py). Targets are already
+shifted: ``targets[t]`` is the token the model must predict from position t, set only where that
+token is a training target (the answer and the final EOS, or the assistant turns); every other
+position is ``IGNORE_INDEX``. The teacher cache stores its signal at the same positions, so cache
+rows and student tokens align by (sample index, position).
+
+`load_tokenized` tokenizes once into the memory-mapped token store (data/store.py) and returns
+lazy columns over it: ``data.input_ids[idx]`` pads only the samples asked for, so a process's
+memory does not grow with the data set.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from pathlib import Path
+import os
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from dist_distill.errors import UserError
+from dist_distill.data.store import LOCAL_FORMATS, TokenStore, load_records, prepare  # noqa: F401 (re-exported)
 from dist_distill.recipe import DataSpec
 
 IGNORE_INDEX = -100
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+
+
+class StoreColumn:
+    """One int64 [S, L] column of a token store, read on indexing: an int gives [L], a slice, a list, an
+    int64 tensor or array of sample ids gives [n, L] (a new CPU tensor; nothing is cached)."""
+
+    KINDS = ("input_ids", "attention_mask", "targets")
+
+    def __init__(self, store: TokenStore, kind: str):
+        assert kind in self.KINDS
+        self.store, self.kind = store, kind
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.store), self.store.max_seq_len))
+
+    dtype = torch.int64
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def _ids(self, index) -> tuple[np.ndarray, bool]:
+        n = len(self.store)
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        if isinstance(index, slice):
+            return np.arange(*index.indices(n)), False
+        if isinstance(index, (int, np.integer)) or (isinstance(index, np.ndarray) and index.ndim == 0):
+            i = int(index)
+            if not -n <= i < n:
+                raise IndexError(f"sample {i} out of range for a store of {n} samples")
+            return np.array([i % n]), True
+        ids = np.asarray(index, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"sample ids {ids.min()}..{ids.max()} out of range for a store of {n} samples")
+        return ids % n if ids.size else ids, False
+
+    def __getitem__(self, index) -> torch.Tensor:
+        ids, scalar = self._ids(index)
+        input_ids, attention, target = self.store.block(ids)
+        if self.kind == "input_ids":
+            out = input_ids
+        elif self.kind == "attention_mask":
+            out = attention
+        else:
+            out = np.full_like(input_ids, IGNORE_INDEX)
+            out[:, :-1] = np.where(target[:, :-1], input_ids[:, 1:], IGNORE_INDEX)
+        out = torch.from_numpy(out)
+        return out[0] if scalar else out
 
 
 @dataclass
 class TokenizedData:
-    """input_ids, attention_mask, targets: int64 [S, L]; `fingerprint` hashes the token ids."""
+    """input_ids, attention_mask, targets: int64 [S, L] each, as tensors or lazy `StoreColumn`s (same indexing);
+    `fingerprint` hashes the padded token ids, `targets_fingerprint` the target positions (a store keeps both,
+    computed once when it was built)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    targets: torch.Tensor
+    input_ids: torch.Tensor | StoreColumn
+    attention_mask: torch.Tensor | StoreColumn
+    targets: torch.Tensor | StoreColumn
     source: str
+    store: TokenStore | None = None
+    bad_rows: dict = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
+        if self.store is not None:
+            return self.store.meta["token_ids_sha256"]
         return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()
 
     @property
     def targets_fingerprint(self) -> str:
         """sha256 of which positions are targets (the prompt/answer split), bit-packed per sample."""
-        import numpy as np
-
+        if self.store is not None:
+            return self.store.meta["targets_sha256"]
         return hashlib.sha256(np.packbits((self.targets != IGNORE_INDEX).numpy(), axis=1).tobytes()).hexdigest()
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
-def load_records(source: str, split: str = "train", max_samples: int | None = None):
-    """A `datasets.Dataset` from a local file (jsonl/json/parquet/arrow/csv) or a hub dataset name."""
-    import datasets
-
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    if suffix in LOCAL_FORMATS or path.exists():
-        if not path.is_file():
-            raise UserError(f"data file {source} does not exist (expected a local "
-                            f"{'/'.join(LOCAL_FORMATS)} file or a hub dataset name)")
-        if suffix not in LOCAL_FORMATS:
-            raise UserError(f"data file {source}: unsupported format {suffix!r}; expected one of {', '.join(LOCAL_FORMATS)}")
-        ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
-    else:
-        try:
-            ds = datasets.load_dataset(source, split=split)
-        except Exception as err:  # datasets raises many types for a missing/offline hub dataset
-            raise UserError(f"cannot load hub dataset {source!r} split {split!r}: {err}") from None
-    if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
-    return ds
+def from_store(store: TokenStore, source: str) -> TokenizedData:
+    return TokenizedData(*(StoreColumn(store, k) for k in StoreColumn.KINDS), source, store, dict(store.meta["bad_rows"]))
 
 
-def tokenize_records(records, tokenizer, spec: DataSpec, source: str) -> TokenizedData:
-    """Tokenize prompt/answer records into fixed-length tensors (see the module docstring)."""
-    for name in (spec.prompt_field, spec.answer_field):
-        if name not in records.column_names:
-            raise UserError(f"data {source}: records have no field {name!r} (fields: {', '.join(records.column_names)}); "
-                            "set data.prompt_field / data.answer_field")
-    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        raise UserError("the student tokenizer needs an eos_token and a pad_token")
-    prompts = tokenizer(list(records[spec.prompt_field]))["input_ids"]
-    answers = tokenizer(list(records[spec.answer_field]), add_special_tokens=False)["input_ids"]
-    n, length = len(prompts), spec.max_seq_len
-    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    targets = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        seq = prompt + answer + [tokenizer.eos_token_id]
-        if len(seq) > length:
-            raise UserError(f"data {source}: record {i} has {len(seq)} tokens, more than data.max_seq_len={length}")
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        attention_mask[i, :len(seq)] = 1
-        targets[i, len(prompt) - 1:len(seq) - 1] = torch.tensor(seq[len(prompt):])
-    return TokenizedData(input_ids, attention_mask, targets, source)
+def load_tokenized(source: str, tokenizer, spec: DataSpec, max_samples: int | None = None,
+                   progress: bool = False) -> TokenizedData:
+    """The store of `source` under this tokenizer and `spec` (built on first use by every calling rank together,
+    see data/store.py), as lazy columns. `max_samples` overrides spec.max_samples (the first N records)."""
+    import dataclasses
+
+    if max_samples != spec.max_samples:
+        spec = dataclasses.replace(spec, max_samples=max_samples)
+    store = TokenStore(prepare(source, tokenizer, spec, progress=progress))
+    if _rank0():
+        print(f"data {source}: {store.report()} [store {store.path}]", flush=True)
+    return from_store(store, source)
 
 
-def load_tokenized(source: str, tokenizer, spec: DataSpec, max_samples: int | None = None) -> TokenizedData:
-    """load_records + tokenize_records."""
-    return tokenize_records(load_records(source, spec.split, max_samples), tokenizer, spec, source)
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
