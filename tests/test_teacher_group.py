@@ -288,6 +288,28 @@ def test_dead_or_hung_teacher_stops_students(tiny_world, tmp_path, fault):
     assert elapsed < 200, elapsed
 
 
+@pytest.mark.slow
+@pytest.mark.faults(1)
+def test_hung_leader_ends_its_peers_within_the_step_timeout(tiny_world, tmp_path):
+    """Issue 13 case 6: the LEADER of a TP-2 teacher group hangs at step 3. Its peer used to sit in the
+    next collective for 2 x the start-up timeout (an hour by default); now it waits for its leader's
+    word with deepspeed.timeout_s once the first step is done, and stops the job with its own message
+    long before the students' teacher_source.timeout_s (300 s here) would."""
+    started = time.time()
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                    str(free_port()), "--monitor-interval", "0.5", "-m", "dist_distill.train", "configs/tiny/distill.yaml",
+                    *world_overrides(tiny_world, tmp_path), *BASE, *GROUP, "--set", "optim.max_steps=20",
+                    "--set", "deepspeed.timeout_s=10", "--set", "teacher_source.timeout_s=300"], timeout=420,
+                   check=False, DD_FAULT_TEACHER_HANG_AT_STEP="3", DD_FAULT_TEACHER_RANK="0")
+    elapsed = time.time() - started
+    assert proc.returncode != 0
+    stderr = " ".join(proc.stderr.split())
+    assert "teacher rank 0: DD_FAULT_TEACHER_HANG_AT_STEP=3: hanging" in stderr
+    assert "teacher rank 1: its leader, teacher rank 0 (group 0), sent nothing for 10s before step 3" in stderr, \
+        proc.stderr[-6000:]
+    assert elapsed < 250, elapsed  # start-up (~30-90 s on 2 shared cores) + 10 s; the students alone: > 300 s
+
+
 if __name__ == "__main__":
     _tp_helper(*sys.argv[1:])
 
@@ -334,7 +356,7 @@ def test_teacher_sends_each_micro_batch_as_soon_as_it_is_scored(window):
 
     recipe = SimpleNamespace(optim=SimpleNamespace(micro_batch_size=2, grad_accum=4, max_steps=2), seed=1, stages=[],
                              teacher_source=SimpleNamespace(prefetch_micro_batches=window, timeout_s=5.0),
-                             deepspeed=SimpleNamespace(startup_timeout_s=5.0), output=SimpleNamespace(dir="/tmp/x"))
+                             deepspeed=SimpleNamespace(startup_timeout_s=5.0, timeout_s=5.0), output=SimpleNamespace(dir="/tmp/x"))
     roles = Roles(0, 2, tp_size=1, num_groups=1)
     data = TeacherData(torch.zeros(40, 4, dtype=torch.long), torch.ones(40, 4, dtype=torch.long),
                        torch.zeros(40, 4, dtype=torch.long))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,6 +23,82 @@ from dist_distill.teacher.tensor_parallel import load_teacher_shards
 from dist_distill.training.faults import teacher_fault
 
 
+class PeerControl:
+    """The leader's word to its TP peers: "go" before each micro-batch, "alive" while it waits for students.
+
+    Without it a peer runs ahead into the next micro-batch's collectives while its leader waits for
+    a student (up to the start-up timeout: a student may be writing a checkpoint), so those
+    collectives needed that long a timeout and a hung leader held its peers for an hour. Now a peer
+    enters a micro-batch only after the leader's GO for it, over a gloo group of the TP ranks
+    (point-to-point, int64 [kind, step, item]); while the leader waits for students a thread sends
+    BEAT every ``beat_s``. A peer that hears nothing for ``timeout_s`` (deepspeed.timeout_s once the
+    first step is done) knows its leader is hung or dead and stops; the TP collectives themselves
+    then run on the step timeout too, since every rank of the group enters them together.
+    At 64 GPUs: one 24-byte message per micro-batch per peer (tp_size - 1 of them), off the GPU.
+    """
+
+    GO, BEAT = 1, 2
+
+    def __init__(self, roles: Roles, group, timeout_s: float, beat_s: float):
+        self.roles, self.group, self.timeout_s, self.beat_s = roles, group, timeout_s, beat_s
+        self.leader_rank = roles.group * roles.tp_size  # global rank = rank in the teacher world
+        self.peers = [self.leader_rank + i for i in range(1, roles.tp_size)]
+        self.error: Exception | None = None
+
+    def _send(self, kind: int, step: int, item: int) -> None:
+        msg = torch.tensor([kind, step, item], dtype=torch.int64)
+        for peer in self.peers:
+            wait_work(dist.isend(msg, peer, group=self.group), self.timeout_s,
+                      f"teacher rank {self.roles.rank}: its TP peer, teacher rank {peer}, did not take the leader's "
+                      f"message (dead, or hung for {self.timeout_s:g}s)")
+
+    def go(self, step: int, item: int) -> None:
+        """Leader: let the peers into micro-batch `item` of `step`."""
+        if self.error is not None:
+            raise self.error
+        self._send(self.GO, step, item)
+
+    @contextlib.contextmanager
+    def beating(self):
+        """Leader: send BEAT every beat_s from a thread while the body waits (for students)."""
+        if not self.peers:
+            yield
+            return
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(self.beat_s):
+                try:
+                    self._send(self.BEAT, -1, -1)
+                except Exception as err:  # noqa: BLE001 (reported by the next go())
+                    self.error = err
+                    return
+
+        thread = threading.Thread(target=beat, name="dd-teacher-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def await_go(self, step: int, item: int) -> None:
+        """Peer: wait for the leader's GO for (step, item), taking BEATs; at most timeout_s between messages."""
+        msg = torch.zeros(3, dtype=torch.int64)
+        while True:
+            wait_work(dist.irecv(msg, self.leader_rank, group=self.group), self.timeout_s,
+                      f"teacher rank {self.roles.rank}: its leader, teacher rank {self.leader_rank} (group "
+                      f"{self.roles.group}), sent nothing for {self.timeout_s:g}s before step {step + 1}, micro-batch "
+                      f"item {item}: the leader is hung or dead (deepspeed.timeout_s after the first step)")
+            kind, got_step, got_item = msg.tolist()
+            if kind == self.BEAT:
+                continue
+            if (kind, got_step, got_item) != (self.GO, step, item):
+                raise TeacherGroupError(f"teacher rank {self.roles.rank}: its leader sent {msg.tolist()}, expected GO "
+                                        f"for step {step + 1}, item {item}")
+            return
+
+
 class TeacherServer:
     """The loop of one teacher rank: score every micro-batch of the group's students in the order they
     consume them, and send each as soon as it is computed, running up to a window ahead.
@@ -33,7 +111,7 @@ class TeacherServer:
     (their collectives pace them) and send nothing.
     """
 
-    def __init__(self, recipe, roles: Roles, bridge, scorer: TeacherScorer, tp_group, data):
+    def __init__(self, recipe, roles: Roles, bridge, scorer: TeacherScorer, tp_group, data, control=None):
         from dist_distill.data.sampler import StepSampler
 
         self.r, self.roles, self.bridge, self.scorer, self.tp_group = recipe, roles, bridge, scorer, tp_group
@@ -46,6 +124,7 @@ class TeacherServer:
         self.student_wait = startup_timeout_s(recipe)
         self.window = recipe.teacher_source.prefetch_micro_batches * len(self.students)
         self.pending: deque = deque()  # (step, micro, student, [works], [tensors kept alive until sent])
+        self.control: PeerControl | None = control  # None: no TP peers
 
     def start_step(self) -> int:
         """The step every student of the group starts at (their resumed step), shared over the TP group."""
@@ -99,7 +178,7 @@ class TeacherServer:
         idle = time.perf_counter() - t0
         try:
             self._serve_steps(first, log, idle)
-        except RuntimeError:
+        except (RuntimeError, TeacherGroupError):
             if self.leader:  # a TP peer died: still deliver what was scored, so the students get as far as possible
                 self.deliver_pending(timedelta(seconds=r.teacher_source.timeout_s))
             raise
@@ -122,9 +201,14 @@ class TeacherServer:
         for step in range(first, r.optim.max_steps):
             teacher_fault(self.roles.rank, self.roles.num_teachers, step + 1)  # 1-based, as in metrics.jsonl
             busy, rows = 0.0, 0
-            for s, m, idx in self.items(step):
+            for item, (s, m, idx) in enumerate(self.items(step)):
                 if self.leader:
-                    idle += self.wait_until(self.window - 1)
+                    with self.control.beating() if self.control else contextlib.nullcontext():
+                        idle += self.wait_until(self.window - 1)
+                    if self.control:
+                        self.control.go(step, item)
+                elif self.control:
+                    self.control.await_go(step, item)
                 t1 = time.perf_counter()
                 signal = self.scorer.score(d.tokens[idx], d.mask[idx], d.targets[idx])
                 if self.leader:
@@ -135,6 +219,22 @@ class TeacherServer:
                 log.write(json.dumps({"step": step + 1, "busy_s": busy, "idle_s": idle, "rows": rows}) + "\n")
                 log.flush()
             idle = 0.0
+            if step == first:
+                self._tighten_timeout()
+
+    def _tighten_timeout(self) -> None:
+        """After the first step: every collective of this teacher rank (its TP group and the teacher world)
+        and the peers' wait for their leader use deepspeed.timeout_s instead of the start-up timeout."""
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        timeout = timedelta(seconds=self.r.deepspeed.timeout_s)
+        if dist.is_initialized():
+            _set_pg_timeout(timeout)
+            if self.tp_group is not None:
+                _set_pg_timeout(timeout, self.tp_group)
+        if self.control is not None:
+            self.control.timeout_s = self.r.deepspeed.timeout_s
+            self.control.beat_s = beat_interval(self.r.deepspeed.timeout_s)
 
 
 @dataclass
@@ -182,7 +282,8 @@ def serve(recipe, roles: Roles, bridge) -> None:
         scorer = TeacherScorer(model, vocab, ts.top_k, tp_group=tp_group if ts.tp_size > 1 else None, vocab_offset=offset,
                                temperatures=tail_temperatures(recipe))
         TeacherServer(recipe, roles, bridge, scorer, tp_group, TeacherData(data.input_ids, data.attention_mask,
-                                                                           data.targets)).run()
+                                                                           data.targets),
+                      peer_control(recipe, roles)).run()
     except RuntimeError as err:
         if isinstance(err, TeacherGroupError) or not _is_comm_error(err):
             raise
@@ -191,6 +292,25 @@ def serve(recipe, roles: Roles, bridge) -> None:
                                 f"({str(err).splitlines()[0][:200]})") from None
     finally:
         dist.destroy_process_group()
+
+
+def beat_interval(timeout_s: float) -> float:
+    """Seconds between a waiting leader's BEATs: a quarter of the peers' timeout, at most 30 s."""
+    return min(timeout_s / 4.0, 30.0)
+
+
+def peer_control(recipe, roles: Roles) -> PeerControl | None:
+    """The PeerControl of this teacher rank over a gloo group of each TP group (every teacher rank
+    creates every group, in order); None without TP peers. Start-up timeout until the first step."""
+    if roles.tp_size == 1:
+        return None
+    mine = None
+    for g in range(roles.num_groups):
+        group = dist.new_group(list(range(g * roles.tp_size, (g + 1) * roles.tp_size)), backend="gloo",
+                               timeout=timedelta(seconds=2 * startup_timeout_s(recipe)))
+        if g == roles.group:
+            mine = group
+    return PeerControl(roles, mine, startup_timeout_s(recipe), beat_interval(recipe.deepspeed.timeout_s))
 
 
 def _write_shard_report(recipe, roles: Roles, model) -> None:
