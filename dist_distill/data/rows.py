@@ -47,6 +47,18 @@ def record_format(spec, columns) -> str:
     return "messages" if spec.messages_field in columns else "prompt_answer"
 
 
+def token_ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=special)["input_ids"]`, through the Rust tokenizer's encode_batch
+    directly when it is a fast one (transformers' per-row conversion is ~1/3 of the time). The first text is
+    also run through the tokenizer's own call; on any difference the whole batch takes that path."""
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and texts:
+        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+        if ids[0] == tokenizer(texts[:1], add_special_tokens=special)["input_ids"][0]:
+            return ids
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
 def prompt_answer_batch(records: list[dict], tokenizer, spec) -> list:
     """[(seq, label) or BadRow] per record; prompts and answers tokenized in one batched call each
     (the same calls the in-memory path made, so token ids and fingerprints are unchanged)."""
@@ -63,8 +75,8 @@ def prompt_answer_batch(records: list[dict], tokenizer, spec) -> list:
         except BadRow as bad:
             out[i] = bad
     if good:
-        p_ids = tokenizer(prompts)["input_ids"]
-        a_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        p_ids = token_ids(tokenizer, prompts, True)
+        a_ids = token_ids(tokenizer, answers, False)
         for i, p, a in zip(good, p_ids, a_ids):
             if not p:
                 out[i] = BadRow("empty", f"prompt {spec.prompt_field!r} tokenizes to no tokens")
