@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give held-out data: --data, --qa-data or --mc-data")
     inputs = EvalInputs(**{k: getattr(args, k) for k in EvalInputs.__dataclass_fields__ if hasattr(args, k)},
                         progress=not args.no_progress)
-    rank, _ = init_from_env()
+    rank, _ = init_from_env(timeout_s=7200.0)  # other ranks wait while rank 0 alone times latency/throughput
     records = evaluate_models(entries, inputs, metrics, args.teacher)
     if rank != 0:
         return 0

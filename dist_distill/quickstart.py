@@ -2,7 +2,8 @@
 
     tiny world -> train teacher (ZeRO-3, 2 ranks) -> build teacher cache (2 ranks)
     -> train student on hard labels (baseline) -> distill student from the cache
-    -> evaluate all three on held-out data -> print the comparison table
+    -> evaluate all of them on held-out data -> print the comparison table; write report.md, results.json and
+       plots of the runs' TensorBoard curves (held-out loss and KL to the teacher evaluated during training)
 
 Every stage runs the same command a user would (`python -m dist_distill.<command>`, under
 torchrun where distributed); logs go to <out>/logs/. Run from the repository root.
@@ -31,7 +32,8 @@ def torchrun(nproc: int, module: str, *args: str) -> list[str]:
 def stages(out: str, nproc: int) -> list[tuple[str, list[str]]]:
     """(title, command) of each stage; the recipes' runs/quickstart paths are redirected to `out`."""
     def paths(recipe_out: str) -> list[str]:
-        return ["--set", f"output.dir={out}/{recipe_out}", "--set", f"data.eval={out}/world/data/heldout.jsonl"]
+        return ["--set", f"output.dir={out}/{recipe_out}", "--set", f"data.eval={out}/world/data/heldout.jsonl",
+                "--set", "output.eval_every=50"]  # held-out loss / KL to the teacher during training
 
     world = f"{out}/world"
     student = ["--set", f"student.name_or_path={world}/student_init",
@@ -58,7 +60,10 @@ def stages(out: str, nproc: int) -> list[tuple[str, list[str]]]:
           "--model", f"student (hard labels)={out}/student_hard/model",
           "--model", f"student (distilled)={out}/student_distill/model",
           "--model", f"student (distilled, 8-bit)={out}/student_distill/model-8bit",
-          "--data", f"{world}/data/heldout.jsonl", "--reference", "teacher", "--out", f"{out}/report",
+          "--data", f"{world}/data/heldout.jsonl", "--reference", "teacher", "--teacher", "teacher",
+          "--metrics", "exact_match,perplexity,kl,latency,memory,params", "--out", f"{out}/report", "--no-progress",
+          "--runs", f"teacher={out}/teacher", "--runs", f"hard labels={out}/student_hard",
+          "--runs", f"distilled={out}/student_distill",
           "--title", "dist_distill quickstart: tiny teacher -> small student (CPU, ZeRO-3, 2 ranks)"]),
     ]
 
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table + "\n")
     print(f"finished in {time.time() - begin:.0f}s")
     print(f"report:       {out / 'report/report.md'}\nresults JSON: {out / 'report/results.json'}")
+    print(f"plots:        {out / 'report/plots'}/*.png (loss parts, lr, held-out loss, KL to the teacher; linked "
+          "from the report)")
     print(f"TensorBoard:  tensorboard --logdir {out}  (teacher/, student_hard/, student_distill/ each have tensorboard/)")
     print(f"checkpoints:  {out}/<run>/checkpoints/ (DeepSpeed ZeRO-3), exported models in {out}/<run>/model/")
     return 0
