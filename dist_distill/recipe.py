@@ -79,6 +79,9 @@ class DataSpec:
     """A record that is empty, lacks a field, has a field of the wrong type or cannot be decoded
     (invalid JSON / UTF-8, a chat template that fails): stop with an error naming it, or drop it
     (counted by kind, reported at start-up and in the store's metadata)."""
+    prefetch: bool = True
+    """Prepare the next optimizer step's batches (store reads, padding, pinned host copies) and a cache
+    teacher's rows in a background thread while the current step runs (data/pipeline.py)."""
     store_dir: Optional[str] = None
     """Where tokenized stores live (one folder per fingerprint of data, tokenizer, template and these
     settings). None: $DD_DATA_STORE, else ~/.cache/dist_distill/token_store."""

@@ -14,6 +14,7 @@ checkpoints/step-N/ (DeepSpeed + ours), model/ (HF safetensors), partition-rank<
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -74,6 +75,15 @@ class Trainer:
         self.engine = self._build_engine()
         self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
                                    self.rank, r.seed, r.stages)
+        from dist_distill.data.pipeline import InputPipeline
+        from dist_distill.teacher.cache.reader import CacheTeacher
+
+        # store reads and cache decoding one step ahead in a thread; group / colocated teachers stay here
+        self.inputs = InputPipeline(self._step_inputs, r.data.prefetch and (self.teacher is None
+                                                                         or isinstance(self.teacher, CacheTeacher)))
+        # the worker's own cache reader (its shard handles are not shared with evaluation in this thread)
+        self._input_teacher = CacheTeacher(copy.copy(self.teacher.cache), self.teacher.top_k, self.device) \
+            if self.inputs.background and self.teacher is not None else None
         self.skips = SkipGuard(self.engine, r.optim.max_consecutive_skips, self.rank)
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_partition_report()
@@ -173,33 +183,34 @@ class Trainer:
         return StepSettings(weights=weights, temperature=temperature,
                             l2_scale=step_tokens / (self.world * r.optim.grad_accum))
 
-    def _micro_batch(self, indices: torch.Tensor) -> dict:
-        d = self.data
-        return {"input_ids": d.input_ids[indices].to(self.device),
-                "attention_mask": d.attention_mask[indices].to(self.device),
-                "targets": d.targets[indices].to(self.device)}
-
-    def _step_counts(self, micro: list[torch.Tensor]) -> torch.Tensor:
-        """float64 [2] on the device: target tokens and real tokens of this step over all ranks."""
-        d = self.data
-        counts = torch.tensor([sum(int((d.targets[i] != -100).sum()) for i in micro),
-                               sum(int(d.attention_mask[i].sum()) for i in micro)], dtype=torch.float64,
-                              device=self.device)
-        torch.distributed.all_reduce(counts)
-        return counts
+    def _step_inputs(self, step: int) -> tuple:
+        """(micro-batch sample ids, CPU batches (pinned on CUDA), float64 [2] local counts, cache signals or
+        None) of optimizer step `step`: no engine, no collective (data.pipeline may run it in a thread)."""
+        d, micro = self.data, self.sampler.step_indices(step)
+        pin = self.device.type == "cuda"
+        batches = [{k: (t.pin_memory() if pin else t) for k, t in
+                    (("input_ids", d.input_ids[i]), ("attention_mask", d.attention_mask[i]), ("targets", d.targets[i]))}
+                   for i in micro]
+        counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in batches),
+                               sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64)
+        signals = [self._input_teacher.signal(i, b) for i, b in zip(micro, batches)] \
+            if self._input_teacher is not None else None
+        return micro, batches, counts, signals
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
-        micro = self.sampler.step_indices(self.step)
-        counts = self._step_counts(micro)
+        micro, cpu_batches, counts, signals = self.inputs.get(self.step)
+        counts = counts.to(self.device)
+        torch.distributed.all_reduce(counts)
         n_targets = max(counts[0].item(), 1.0)
         settings = self.step_settings(n_targets)
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         self.faults.at_step_start(self.step + 1)
         bad = torch.zeros(1, device=self.device)
         for m, indices in enumerate(micro):
-            batch = self._micro_batch(indices)
-            teacher = self.teacher.signal(indices, batch) if self.teacher is not None else None
+            batch = {k: t.to(self.device, non_blocking=True) for k, t in cpu_batches[m].items()}
+            teacher = signals[m] if signals is not None else \
+                self.teacher.signal(indices, batch) if self.teacher is not None else None
             loss_sum, parts = self.engine(**batch, teacher=teacher, step=settings)
             loss_sum = self.faults.poison_loss(self.step + 1, loss_sum)
             bad += (~torch.isfinite(loss_sum.detach())).float()
@@ -224,7 +235,10 @@ class Trainer:
                 **{f"weight_{k}": v for k, v in settings.weights.items()},
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item()),
-                "skipped": skipped, "skipped_total": self.skips.total}
+                "skipped": skipped, "skipped_total": self.skips.total,
+                "input_wait_s": self.inputs.wait_s,  # cumulative time this rank waited for its inputs
+                "bad_rows_dropped": sum(v for k, v in self.data.bad_rows.items() if k != "truncated"),
+                "rows_truncated": self.data.bad_rows.get("truncated", 0)}
 
     def train(self) -> None:
         """Steps until optim.max_steps, a checkpoint every output.save_every steps and one at the end."""
@@ -291,6 +305,8 @@ class Trainer:
         interpreter exit while a peer is already gone can abort the process from gloo's threads)."""
         if self.log is not None:
             self.log.close()
+        if getattr(self, "inputs", None) is not None:
+            self.inputs.close()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
