@@ -72,7 +72,7 @@ def make_student(teacher_dir: Path, out: Path, keep_every: int) -> Path:
     """The teacher depth-pruned to decoder layers 0, k, 2k, ... and its last layer (k = keep_every), with
     the same tokenizer, embeddings, width, final norm and head (depth pruning, then distillation heals it,
     as in Minitron). Pruned this way the model is broken before training: SmolLM2-135M's held-out perplexity
-    goes from ~40 to ~1e5 even when only 14 of 30 layers go (measured on this example's text)."""
+    goes from 40 to 168 when one layer goes, to 4e5 when 14 of 30 go (12 held-out passages of this example)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
