@@ -37,23 +37,23 @@ def assert_clean_error(proc, *fragments):
 @pytest.mark.bad_inputs(1)
 def test_recipe_typo(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, tmp_path),
-                      "--set", "optim.lrr=1", check=False, timeout=300)
+                      "--set", "optim.lrr=1", check=False, timeout=900)
     assert_clean_error(proc, "unknown key optim.lrr: allowed keys in optim are lr,")
 
 
 @pytest.mark.bad_inputs(1)
 def test_missing_model_directory(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, tmp_path),
-                      "--set", f"student.name_or_path={tmp_path}/no_such_model", check=False, timeout=300)
+                      "--set", f"student.name_or_path={tmp_path}/no_such_model", check=False, timeout=900)
     assert_clean_error(proc, f"student.name_or_path={tmp_path}/no_such_model: no such model directory")
 
 
 @pytest.mark.bad_inputs(1)
 def test_cache_for_another_sequence_length(tiny_world, tmp_path):
     sets = world_overrides(tiny_world, tmp_path / "run") + ["--set", f"teacher_source.cache_dir={tmp_path}/cache"]
-    module_cmd("dist_distill.cache", "build", "configs/tiny/distill.yaml", *sets, timeout=300)
+    module_cmd("dist_distill.cache", "build", "configs/tiny/distill.yaml", *sets, timeout=900)
     proc = module_cmd("dist_distill.train", "configs/tiny/distill.yaml", *sets, "--set", "data.max_seq_len=20",
-                      check=False, timeout=300)
+                      check=False, timeout=900)
     assert_clean_error(proc, "was built for another sequence length (data.max_seq_len): the cache has 16, "
                              "this recipe needs 20")
 
@@ -61,7 +61,7 @@ def test_cache_for_another_sequence_length(tiny_world, tmp_path):
 @pytest.mark.bad_inputs(1)
 def test_cache_missing(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, tmp_path),
-                      "--set", f"teacher_source.cache_dir={tmp_path}/nothing", check=False, timeout=300)
+                      "--set", f"teacher_source.cache_dir={tmp_path}/nothing", check=False, timeout=900)
     assert_clean_error(proc, "no manifest.json", "run dd-cache")
 
 
@@ -69,7 +69,7 @@ def test_evaluate_writes_table_and_json(tiny_world, tmp_path):
     proc = module_cmd("dist_distill.evaluate", "--model", f"teacher={tiny_world}/teacher_init",
                       "--model", f"student={tiny_world}/student_init", "--data", f"{tiny_world}/data/heldout.jsonl",
                       "--metrics", "exact_match,perplexity,latency,memory,params", "--latency-prompts", "2",
-                      "--reference", "teacher", "--out", str(tmp_path), timeout=300)
+                      "--reference", "teacher", "--out", str(tmp_path), timeout=900)
     assert ("| model | exact match | retention % | ppl | params | weights MiB | peak MiB | prefill ms/tok | "
             "decode ms/tok |") in proc.stdout
     records = json.loads((tmp_path / "results.json").read_text())["results"]

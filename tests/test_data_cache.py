@@ -268,7 +268,7 @@ def test_two_rank_build_equals_one_rank_build(tiny_world, tmp_path):
     built(one)
     sets = world_overrides(tiny_world, tmp_path / "run") + ["--set", f"teacher_source.cache_dir={tmp_path}/two/cache"]
     proc = torchrun(2, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *sets, "--samples-per-shard", "100",
-                    timeout=300)
+                    timeout=900)
     assert "teacher cache complete" in proc.stdout and "bytes/token=" in proc.stdout
     assert files(tmp_path / "two/cache") == files(tmp_path / "one/cache")
 

@@ -26,7 +26,7 @@ CHECK = {"DD_CHECK_DEVICES": "1"}
 @pytest.mark.slow
 def test_the_old_patterns_are_refused_and_their_fixes_pass():
     proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(free_port()), "tests/device_check_probe.py"], timeout=300, **CHECK)
+                    str(free_port()), "tests/device_check_probe.py"], timeout=900, **CHECK)
     results = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line and line.split(" ", 1)[0].isidentifier())
     for case in ("host_tensor_to_default_group", "host_broadcast", "moved_to_host"):
         assert results[case].startswith("refused: device test mode: dist."), results

@@ -105,7 +105,7 @@ def test_every_subpackage_has_one_job_in_its_docstring():
 @pytest.mark.parametrize("command", COMMANDS)
 def test_python_m_commands_answer_help(command):
     proc = subprocess.run([sys.executable, "-m", f"dist_distill.{command}", "--help"], cwd=REPO, env=quiet_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-2000:]
 
 

@@ -138,11 +138,11 @@ def test_bad_input_is_refused(tmp_path):
 
 def test_dd_plan_command():
     proc = module_cmd("dist_distill.plan", str(SEED2), "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80GB",
-                      "--dry-run", timeout=300)
+                      "--dry-run", timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "verdict: FITS" in proc.stdout and "dry run: PASS" in proc.stdout
     assert "model states (student, GPU):" in proc.stdout and "tokens/s" in proc.stdout
-    proc = module_cmd("dist_distill.plan", str(SEED1), "--nodes", "1", "--gpu-mem", "80GB", check=False, timeout=300)
+    proc = module_cmd("dist_distill.plan", str(SEED1), "--nodes", "1", "--gpu-mem", "80GB", check=False, timeout=900)
     assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout
 
 

@@ -106,7 +106,7 @@ def test_sbatch_requeues_on_75_only(tiny_world, tmp_path, srun_rc, requeued, rc)
                     DD_EXIT_MINUTES="50", DD_LOGS=str(tmp_path / "logs"))
     proc = subprocess.run(["bash", "slurm/train.sbatch", "configs/tiny/distill.yaml",
                            *world_overrides(tiny_world, tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert proc.returncode == rc, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "revision: " in proc.stdout and "verdict: FITS" in proc.stdout and "dry run: PASS" in proc.stdout
     assert "student:\n  name_or_path: " in proc.stdout  # the resolved recipe at the top of the log

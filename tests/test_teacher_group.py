@@ -193,7 +193,7 @@ def test_tp_topk_equals_one_process(tiny_world, tmp_path):
     The tiny teacher's vocab is padded to 32 for 15 tokens: rank 1's slice [16, 32) is all padding."""
     out = tmp_path / "tp.pt"
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-             str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out)], timeout=300)
+             str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out)], timeout=900)
     r = torch.load(out)
     assert len(list(tmp_path.glob("tp.pt.model/model-*-of-*.safetensors"))) > 1  # loaded through the index
     assert r["local_vocab"] == 16 and r["ids"].shape[1] == 8 and r["ids"].shape[0] > 20
@@ -210,7 +210,7 @@ def test_tp_8bit_teacher_tracks_full_precision(tiny_world, tmp_path):
     its slice, and the vocab-parallel top-k stays close to the full-precision one-process teacher."""
     out = tmp_path / "tp8.pt"
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-             str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out), "8bit"], timeout=300)
+             str(free_port()), "tests/test_teacher_group.py", str(tiny_world), str(out), "8bit"], timeout=900)
     r = torch.load(out)
     layers = json.loads((tiny_world / "teacher_init/config.json").read_text())["num_hidden_layers"]
     assert r["int8_modules"] == 7 * layers  # q, k, v, o, gate, up, down of every layer
@@ -228,11 +228,11 @@ def test_group_training_equals_cache_training(tiny_world, tmp_path):
     cache_run, group_run = tmp_path / "cache", tmp_path / "group"
     cache = ["--set", f"teacher_source.cache_dir={tmp_path}/tcache"]
     torchrun(1, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *world_overrides(tiny_world, cache_run),
-             *BASE, *cache, "--mode", "lossless", timeout=300)  # bit-exact values: the comparison is tight
+             *BASE, *cache, "--mode", "lossless", timeout=900)  # bit-exact values: the comparison is tight
     torchrun(2, "dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, cache_run), *BASE,
-             *cache, timeout=300)
+             *cache, timeout=900)
     torchrun(4, "dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, group_run), *BASE,
-             *GROUP, timeout=300)
+             *GROUP, timeout=900)
     a, b = metrics(cache_run), metrics(group_run)
     assert [r["step"] for r in b] == list(range(1, 7))
     for x, y in zip(a, b):

@@ -183,7 +183,7 @@ def test_lm_head_weight_outside_a_forward_is_a_partition(tiny_world, tmp_path):
     whole -- in another module's forward only because DeepSpeed's parameter getter gathers it in eager mode."""
     out = tmp_path / "probe.json"
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-             "tests/zero3_head_probe.py", str(tiny_world), str(out)], timeout=300)
+             "tests/zero3_head_probe.py", str(tiny_world), str(out)], timeout=900)
     seen = json.loads(out.read_text())
     assert seen["in_head_forward"] == seen["in_other_forward"] == seen["full"] == [32, 64]
     assert seen["outside_forward"] == [0]
