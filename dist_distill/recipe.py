@@ -258,7 +258,6 @@ class OutputSpec:
     keep_last pruning (top1_agreement: higher is better; the others lower)."""
 
 
-
 @dataclass
 class Recipe:
     """A whole run: models, data, teacher signal, loss, optimisation, engine and outputs."""
