@@ -28,11 +28,11 @@ def _module_grads(world, checkpointing: bool):
     assert model.is_gradient_checkpointing == checkpointing
     module = DistillationModule(model, LossSpec(kind="rkl", temperature=2.0, ce_weight=0.3, chunk_mib=0.001),
                                 len(tok))
-    rows = int((data.targets != -100).sum())
+    rows = int((data.targets[:] != -100).sum())
     gen = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(len(tok), generator=gen)[:4] for _ in range(rows)])
     teacher = TeacherSignal(topk=(ids, torch.randn(rows, 4, generator=gen) * 3, torch.full((rows,), 2.0)))
-    loss, _ = module(data.input_ids, data.attention_mask, data.targets, teacher=teacher,
+    loss, _ = module(data.input_ids[:], data.attention_mask[:], data.targets[:], teacher=teacher,
                      step=StepSettings(temperature=2.0))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}

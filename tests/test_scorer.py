@@ -31,10 +31,10 @@ def test_scorer_equals_dense_logits(tiny_world, chunk_bytes):
     k, temps = 6, (1.0, 4.0, 0.5)
     scorer = TeacherScorer(model, len(tok), k, chunk_bytes=chunk_bytes, temperatures=temps)
     assert scorer.chunk_rows() == (1 if chunk_bytes < 1000 else (1 << 28) // (8 * 32))
-    ids, logits, lse, tails = scorer.score(data.input_ids, data.attention_mask, data.targets)
-    ref_ids, ref_logits, ref_lse, ref_tails = dense_teacher_topk(model, data.input_ids, data.attention_mask, k,
+    ids, logits, lse, tails = scorer.score(data.input_ids[:], data.attention_mask[:], data.targets[:])
+    ref_ids, ref_logits, ref_lse, ref_tails = dense_teacher_topk(model, data.input_ids[:], data.attention_mask[:], k,
                                                                  len(tok), temps)
-    mask = data.targets != IGNORE_INDEX
+    mask = data.targets[:] != IGNORE_INDEX
     assert ids.shape == (int(mask.sum()), k) and ids.dtype == torch.int64 and int(ids.max()) < len(tok)
     assert torch.equal(ids, ref_ids[mask].long())
     assert_verbose_allclose(logits, ref_logits[mask], 1e-5, 1e-5, what="top-k logits")

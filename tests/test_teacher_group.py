@@ -175,9 +175,9 @@ def _tp_helper(world: str, out: str, bits: str = "none") -> None:
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     k, vocab = 8, len(tok)
     scorer = TeacherScorer(model, vocab, k, tp_group=mesh.get_group(), vocab_offset=offset)
-    ids, vals, lse, _ = scorer.score(data.input_ids, data.attention_mask, data.targets)
-    ref_ids, ref_vals, ref_lse, _ = dense_teacher_topk(reference, data.input_ids, data.attention_mask, k, vocab)
-    mask = data.targets != -100
+    ids, vals, lse, _ = scorer.score(data.input_ids[:], data.attention_mask[:], data.targets[:])
+    ref_ids, ref_vals, ref_lse, _ = dense_teacher_topk(reference, data.input_ids[:], data.attention_mask[:], k, vocab)
+    mask = data.targets[:] != -100
     if dist.get_rank() == 0:
         torch.save({"ids": ids, "vals": vals, "lse": lse, "ref_ids": ref_ids[mask].long(), "ref_vals": ref_vals[mask],
                     "ref_lse": ref_lse[mask], "offset": offset, "local_vocab":
