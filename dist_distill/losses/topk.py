@@ -133,10 +133,11 @@ def topk_divergence(
         if teacher_log_tail is not None:
             if teacher_log_tail.shape != lead_shape:
                 raise ValueError(f"teacher_log_tail must have shape {tuple(lead_shape)}, got {tuple(teacher_log_tail.shape)}")
-            lse = zero_masked_rows(teacher_log_tail.reshape(-1, 1).to(dtype), valid).squeeze(-1)
+            tail_or_lse = zero_masked_rows(teacher_log_tail.reshape(-1, 1).to(dtype), valid).squeeze(-1)
         else:
-            lse = zero_masked_rows(teacher_lse.reshape(-1, 1).to(dtype), valid).squeeze(-1)
-        logp, logq = _bucket_logprobs(student, ids, top, lse, temperature, exact_tail=teacher_log_tail is not None)
+            tail_or_lse = zero_masked_rows(teacher_lse.reshape(-1, 1).to(dtype), valid).squeeze(-1)
+        logp, logq = _bucket_logprobs(student, ids, top, tail_or_lse, temperature,
+                                      exact_tail=teacher_log_tail is not None)
     div = divergence_from_logprobs(logp, logq, kind, beta=beta, skew_alpha=skew_alpha)
     return finish_token_losses(
         div, student, labels=labels, weights=weights, valid=valid, temperature=temperature,

@@ -108,7 +108,8 @@ class TeacherScorer:
 
     def chunk_rows(self) -> int:
         """Rows per lm_head chunk: chunk_bytes / (bytes of one row of local logits at fp32, times 2: the
-        tail's masked copy (teacher.tails.tail_logsumexp) lives beside the logits)."""
+        tail's masked copy (teacher.tails.tail_logsumexp) lives beside the logits). With a temperature
+        other than 1 a third copy (``masked / T``) exists transiently, so the peak is 1.5x chunk_bytes."""
         return max(1, self.chunk_bytes // (8 * max(self.local_vocab, 1)))
 
     @torch.no_grad()

@@ -69,7 +69,8 @@ def tail_logsumexp(logits: torch.Tensor, picked: torch.Tensor, temperatures) -> 
 
     logits [n, V'] (any float dtype, computed at its precision, at least float32); picked int64
     [n, k] column indices of `logits` (the top-k). A sum over the tail itself, never ``total -
-    top-k``: exact however small the tail. Empty tail: -inf. Uses one [n, V'] temporary."""
+    top-k``: exact however small the tail. Empty tail: -inf. Uses one [n, V'] temporary (the masked
+    copy), and a second one transiently for each temperature other than 1 (``masked / T``)."""
     masked = logits.scatter(1, picked, float("-inf"))
     return torch.stack([torch.logsumexp(masked if t == 1.0 else masked / t, dim=-1) for t in temperatures], dim=-1)
 
