@@ -259,6 +259,42 @@ class OutputSpec:
 
 
 @dataclass
+class GenerateSpec:
+    """Sequence-level KD: the teacher writes responses for a prompt set (`dd-generate`, dist_distill/generation/)."""
+
+    prompts: str = ""
+    """Prompt set: a local .jsonl/.json/.parquet/.arrow/.csv file or a hub dataset (read with data.split /
+    data.revision). Records are prompt/answer (data.prompt_field; an answer column is ignored) or chat
+    (data.messages_field; turns after the last non-assistant turn are dropped), chosen by data.format."""
+    output_dir: str = ""
+    """Where the chunks, the merged dataset (generated.jsonl) and manifest.json are written."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0), or 0 for greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (in (0, 1]; 1: off)."""
+    top_k: int = 0
+    """Keep only the top_k most likely tokens before sampling (0: off)."""
+    max_new_tokens: int = 256
+    """Most tokens generated per response (EOS included); a response cut there has finish_reason "length"."""
+    num_samples: int = 1
+    """Responses per prompt (n): each is its own output record, sample_index 0..n-1."""
+    seed: Optional[int] = None
+    """Seed of the sampling randomness (None: the recipe's seed); see generation/engine.py for what it fixes."""
+    batch_size: int = 16
+    """Sequences (prompt x sample) per teacher `generate` call (left-padded)."""
+    chunk_prompts: int = 256
+    """Prompts per output chunk: the unit of work sharing, of atomic publication and of resumption."""
+    max_prompt_tokens: Optional[int] = None
+    """Prompts longer than this (in teacher tokens) are bad rows (data.too_long: fail, or skip and count); None: no limit."""
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """"hf": transformers `generate`; "vllm": vLLM's offline LLM (pip install 'dist_distill[vllm]', CUDA);
+    "auto": vllm when it is importable and CUDA is present, else hf."""
+    device_map: Literal["local", "auto"] = "local"
+    """backend hf: "local" puts a whole teacher replica on cuda:LOCAL_RANK (one per rank); "auto" spreads one
+    teacher over every GPU this process sees (accelerate device_map="auto"; launch one process per node)."""
+
+
+@dataclass
 class Recipe:
     """A whole run: models, data, teacher signal, loss, optimisation, engine and outputs."""
 
@@ -286,6 +322,8 @@ class Recipe:
     """Progressive stages (name, data_fraction, steps, terms); when given they replace `weights`."""
     seed: int = 1234
     """Seed for python, numpy and torch on every rank."""
+    generate: GenerateSpec = field(default_factory=GenerateSpec)
+    """Teacher-generated responses for sequence-level KD (`dd-generate`)."""
 
     def validate(self) -> "Recipe":
         """Refuse contradictory settings; returns self. Raises RecipeError naming the keys."""
@@ -356,6 +394,7 @@ class Recipe:
         _check(self.output.save_every >= 0, f"output.save_every={self.output.save_every}: must be >= 0")
         _check(self.output.keep_last >= 0, f"output.keep_last={self.output.keep_last}: must be >= 0")
         self._check_eval()
+        self._check_generate()
         _check(self.output.export or not self.output.export_8bit,
                "output.export_8bit=true needs output.export=true (the 8-bit copy is made from the exported model)")
         _check(op.max_consecutive_skips >= 1, f"optim.max_consecutive_skips={op.max_consecutive_skips}: must be >= 1")
@@ -380,6 +419,17 @@ class Recipe:
                f"colocated (got {self.teacher_source.kind})")
         _check(out.eval_teacher_cache is None or self.teacher_source.kind == "cache",
                f"output.eval_teacher_cache is set but teacher_source.kind={self.teacher_source.kind}: it serves kind=cache")
+
+    def _check_generate(self) -> None:
+        """The generate.* keys are usable (checked whatever the command: they are cheap to check)."""
+        g = self.generate
+        _check(g.temperature >= 0, f"generate.temperature={g.temperature}: must be >= 0 (0: greedy)")
+        _check(0.0 < g.top_p <= 1.0, f"generate.top_p={g.top_p}: must lie in (0, 1]")
+        _check(g.top_k >= 0, f"generate.top_k={g.top_k}: must be >= 0 (0: off)")
+        for key in ("max_new_tokens", "num_samples", "batch_size", "chunk_prompts"):
+            _check(getattr(g, key) >= 1, f"generate.{key}={getattr(g, key)}: must be >= 1")
+        _check(g.max_prompt_tokens is None or g.max_prompt_tokens >= 1,
+               f"generate.max_prompt_tokens={g.max_prompt_tokens}: must be >= 1 or null (no limit)")
 
     def uses_term(self, term: str) -> bool:
         """Whether loss term `term` ("output", "hidden", "attention") has a weight > 0 at any step."""

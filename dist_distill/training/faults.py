@@ -6,6 +6,8 @@ DD_FAULT_KILL_IN_SAVE="STEP"            rank 0 is SIGKILLed inside the checkpoin
 DD_FAULT_KILL_AT_STEP="RANK:STEP"       that rank is SIGKILLed at the start of that optimizer step
 DD_FAULT_TEACHER_EXIT_AT_STEP="STEP"    teacher rank DD_FAULT_TEACHER_RANK (global; default the last teacher
 DD_FAULT_TEACHER_HANG_AT_STEP="STEP"    rank) exits / hangs when about to compute that step (kind=group)
+DD_FAULT_GENERATE_KILL_IN_CHUNK="N"     dd-generate: the process is SIGKILLed while writing the N-th chunk it
+                                        writes (1-based), half of that chunk's temporary file on disk
 
 Every hook is one call at a fixed place of the training or teacher loop; nothing else in the
 package reads these variables.
@@ -39,6 +41,21 @@ def teacher_fault(rank: int, num_teachers: int, step: int) -> None:
         print(f"teacher rank {rank}: DD_FAULT_TEACHER_HANG_AT_STEP={step}: hanging", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
+
+
+def generate_fault():
+    """dd-generate's seam: None without DD_FAULT_GENERATE_KILL_IN_CHUNK, else ``hook(n, tmp_file)`` that
+    SIGKILLs this process when n (chunks this process has started writing, 1-based) is the planned one."""
+    value = os.environ.get("DD_FAULT_GENERATE_KILL_IN_CHUNK")
+    if not value:
+        return None
+
+    def hook(n: int, tmp_file) -> None:
+        if n == int(value):
+            print(f"DD_FAULT_GENERATE_KILL_IN_CHUNK={value}: killed while writing {tmp_file}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 class FaultPlan:
