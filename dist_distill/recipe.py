@@ -150,6 +150,15 @@ class LossSpec:
     """Fused-loss kernels: "auto" = Triton on CUDA, PyTorch chunks elsewhere; the others force one."""
     chunk_mib: float = 256.0
     """Memory budget of the fused loss's float32 work buffers per chunk of tokens, in MiB."""
+    cross_tokenizer: Literal["none", "uld"] = "none"
+    """Teacher and student tokenizers differ: "uld" trains on the Universal Logit Distillation loss (Boizard et
+    al. 2024: L1 between the two distributions' probabilities sorted in decreasing order, i-th response token of
+    each tokenization with the i-th, truncated to the shorter; dist_distill.losses.uld) from a cache built with
+    the teacher's tokenizer; the output term is then ce_weight * CE + uld_weight * ULD at loss.temperature
+    (kind, tail, beta, skew_alpha and scale_by_t2 are unused). "none": token-level logit distillation, which
+    needs the same tokenizer on both sides (refused otherwise)."""
+    uld_weight: float = 1.0
+    """cross_tokenizer=uld: weight of the ULD term (the paper's recipe: ce_weight 1.0, uld_weight 1.5)."""
 
 
 @dataclass
@@ -351,6 +360,8 @@ class Recipe:
         else:
             _check(self.teacher.name_or_path != "", "teacher_source.kind=colocated needs teacher.name_or_path")
         _check(lo.chunk_mib > 0, f"loss.chunk_mib={lo.chunk_mib}: must be > 0")
+        if lo.cross_tokenizer != "none":
+            self._check_cross_tokenizer()
         Ramp(lo.temperature, lo.temperature_end, lo.temperature_shape).check("loss.temperature", positive=True)
         _check(all(t > 0 for t in ts.tail_temperatures),
                f"teacher_source.tail_temperatures={ts.tail_temperatures}: every temperature must be > 0")
@@ -401,6 +412,24 @@ class Recipe:
         _check(self.deepspeed.startup_timeout_s > 0 and self.deepspeed.timeout_s > 0,
                "deepspeed.startup_timeout_s and deepspeed.timeout_s must be > 0")
         return self
+
+    def _check_cross_tokenizer(self) -> None:
+        """loss.cross_tokenizer=uld: a cache teacher built with the teacher's tokenizer, a fixed temperature."""
+        lo, ts = self.loss, self.teacher_source
+        _check(ts.kind == "cache", f"loss.cross_tokenizer={lo.cross_tokenizer} reads the teacher from a top-k cache built "
+               f"with the teacher's own tokenizer (dd-cache build): set teacher_source.kind=cache (got {ts.kind}; the "
+               "teacher group and a colocated teacher score the student's tokens and serve token-level KD only)")
+        _check(self.teacher.name_or_path != "", f"loss.cross_tokenizer={lo.cross_tokenizer} needs teacher.name_or_path "
+               "(its tokenizer tokenizes the data on the teacher's side)")
+        _check(lo.uld_weight >= 0 and lo.uld_weight + lo.ce_weight > 0, f"loss.uld_weight={lo.uld_weight} with "
+               f"loss.ce_weight={lo.ce_weight}: both must be >= 0 and not both 0")
+        _check(lo.temperature_end is None or lo.temperature_end == lo.temperature,
+               f"loss.cross_tokenizer={lo.cross_tokenizer} with a scheduled temperature ({lo.temperature} -> "
+               f"{lo.temperature_end}): ULD's tail needs the teacher's tail mass at the training temperature, which a "
+               "cache carries at fixed temperatures only; use a constant loss.temperature (the ULD paper uses 1)")
+        _check(not self.uses_term("hidden") and not self.uses_term("attention"),
+               f"loss.cross_tokenizer={lo.cross_tokenizer}: the hidden and attention terms align the two models "
+               "position by position, which different tokenizations do not allow; set their weights to 0")
 
     def _check_eval(self) -> None:
         """The evaluation-during-training keys (output.eval_*, output.best_metric) agree with each other."""

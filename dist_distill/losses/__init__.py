@@ -11,11 +11,16 @@ Conventions (every function here): ``p = softmax(teacher / T)`` is the teacher,
   as ``normalizer=`` (DESIGN fact 4).
 - :data:`KINDS` -- ``("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")``.
 - :func:`divergence_from_logprobs` -- the per-kind math both losses share.
+- :mod:`uld` -- Universal Logit Distillation across tokenizers: :func:`uld_dense` (the paper's
+  loss, full sorts), :func:`uld_topk` (the top-k form training uses, its error bound) and
+  :func:`teacher_sorted_topk` (a cache row -> sorted teacher probabilities and tail mass).
 """
 
 from .core import KINDS, divergence_from_logprobs
 from .dense import divergence
 from .reduction import count_tokens
 from .topk import TAILS, topk_divergence
+from .uld import teacher_sorted_topk, uld_dense, uld_topk
 
-__all__ = ["KINDS", "TAILS", "count_tokens", "divergence", "divergence_from_logprobs", "topk_divergence"]
+__all__ = ["KINDS", "TAILS", "count_tokens", "divergence", "divergence_from_logprobs", "teacher_sorted_topk",
+           "topk_divergence", "uld_dense", "uld_topk"]

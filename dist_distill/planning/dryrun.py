@@ -62,8 +62,6 @@ def _local_tokenizer(spec):
 
 
 def _check_vocab(run: DryRun, recipe, student: Architecture, teacher: Architecture | None) -> None:
-    from dist_distill.models.loading import tokenizer_fingerprint
-
     st_tok = _local_tokenizer(recipe.student)
     if st_tok is not None:
         ok = student.vocab >= len(st_tok)
@@ -75,22 +73,30 @@ def _check_vocab(run: DryRun, recipe, student: Architecture, teacher: Architectu
                 f"model vocab_size {student.vocab} from its config")
     if teacher is None or recipe.teacher_source.kind == "none":
         return
-    if teacher.vocab != student.vocab:
-        run.add("FAIL", "teacher vs student", f"vocab_size {teacher.vocab} (teacher) != {student.vocab} (student): "
-                "different tokenizers, so token-level logit distillation is invalid. Ways forward: sequence-level "
-                "KD (train on teacher-generated text with loss.ce_weight=1.0, teacher_source.kind=none) or a "
-                "cross-tokenizer logit loss")
-        return
+    from dist_distill.teacher.sources import WAYS_FORWARD, tokenizer_difference
+
     te_tok = _local_tokenizer(recipe.teacher)
-    if st_tok is not None and te_tok is not None:
-        same = tokenizer_fingerprint(st_tok) == tokenizer_fingerprint(te_tok)
-        run.add("PASS" if same else "FAIL", "teacher vs student",
-                "same tokenizer (vocabulary and special tokens hash equal)" if same else
-                "tokenizers differ (vocabulary or special tokens): token-level logit distillation compares "
-                "logits of the same token ids; training refuses this pair")
+    if st_tok is not None and te_tok is not None:  # the vocabulary hash: equal sizes with other tokens differ too
+        detail = tokenizer_difference(te_tok, st_tok)
+    elif teacher.vocab != student.vocab:
+        detail = f"vocab_size {teacher.vocab} (teacher) != {student.vocab} (student)"
     else:
         run.add("NOTE", "teacher vs student", f"vocab_size {teacher.vocab} on both; the tokenizers themselves are "
-                "not on disk here and are compared by dd-train / dd-cache at start-up")
+                "not on disk here and are compared by dd-train / dd-cache at start-up (vocabulary hash)")
+        return
+    uld = recipe.loss.cross_tokenizer != "none"
+    if detail is None:
+        run.add("PASS", "teacher vs student", "same tokenizer (vocabulary and special tokens hash equal)"
+                + (f"; loss.cross_tokenizer={recipe.loss.cross_tokenizer} is not needed, token-level KD is valid"
+                   if uld else ""))
+    elif uld:
+        run.add("PASS", "teacher vs student", f"tokenizers differ ({detail}); the recipe uses sequence-level KD data "
+                f"({recipe.data.train}, CE weight {recipe.loss.ce_weight:g}) and loss.cross_tokenizer="
+                f"{recipe.loss.cross_tokenizer} (ULD weight {recipe.loss.uld_weight:g}: sorted probabilities, no shared "
+                "token ids needed), valid across tokenizers; the cache is built with the teacher's tokenizer")
+    else:
+        run.add("FAIL", "teacher vs student", f"{detail}: different tokenizers, so token-level logit distillation "
+                f"is invalid and training refuses this pair. {WAYS_FORWARD}")
 
 
 def _check_lengths(run: DryRun, recipe, student: Architecture, teacher: Architecture | None) -> None:

@@ -7,13 +7,67 @@ import torch
 from dist_distill.errors import UserError
 
 
-def same_tokenizer_or_refuse(recipe, student_tokenizer) -> None:
-    """Token-level logit distillation compares logits of the same token ids: refuse other vocabularies."""
-    from dist_distill.models.loading import load_tokenizer, tokenizer_fingerprint
+WAYS_FORWARD = (
+    "Two ways forward: (1) sequence-level KD: train on text the teacher generated (dd-generate) with the hard-label "
+    "loss only (teacher_source.kind=none, loss.ce_weight=1.0); (2) a cross-tokenizer logit loss: "
+    "loss.cross_tokenizer=uld (Universal Logit Distillation) with teacher_source.kind=cache, the cache built by "
+    "dd-cache build with the teacher's own tokenizer")
+"""What every tokenizer-mismatch refusal (training start-up, dd-cache build, the teacher group, the dry run) offers."""
 
-    if tokenizer_fingerprint(load_tokenizer(recipe.teacher, "teacher")) != tokenizer_fingerprint(student_tokenizer):
-        raise UserError(f"teacher {recipe.teacher.name_or_path} and student {recipe.student.name_or_path} use "
-                        "different tokenizers: token-level logit distillation is invalid across vocabularies")
+
+def tokenizer_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    """None when both tokenizers map the same tokens to the same ids (tokenizer_fingerprint equal), else what
+    differs, in words: the vocabulary sizes, or at equal size how many ids mean another token, or the special tokens."""
+    from dist_distill.models.loading import tokenizer_fingerprint
+
+    if tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(student_tokenizer):
+        return None
+    tv, sv = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if len(tv) != len(sv):
+        return f"vocabulary of {len(tv)} tokens (teacher) vs {len(sv)} (student)"
+    by_id = {i: t for t, i in sv.items()}
+    differ = sum(by_id.get(i) != t for t, i in tv.items())
+    if differ:
+        return f"same vocabulary size {len(tv)}, but {differ} token ids mean different tokens"
+    return "same vocabulary, different special tokens"
+
+
+def tokenizer_mismatch_error(teacher_name: str, student_name: str, detail: str) -> UserError:
+    """The refusal of token-level logit KD between two tokenizers, naming the two ways forward."""
+    return UserError(f"teacher {teacher_name} and student {student_name} use different tokenizers ({detail}): "
+                     "token-level logit distillation compares the two models' logits of the same token ids, which is "
+                     f"invalid across vocabularies. {WAYS_FORWARD}")
+
+
+def same_tokenizer_or_refuse(recipe, student_tokenizer, teacher_tokenizer=None) -> None:
+    """Token-level logit distillation compares logits of the same token ids: refuse other tokenizers (compared by
+    the vocabulary hash of models.loading.tokenizer_fingerprint, so equal sizes with other tokens are refused too)
+    unless the recipe uses a cross-tokenizer loss (loss.cross_tokenizer)."""
+    from dist_distill.models.loading import load_tokenizer
+
+    if recipe.loss.cross_tokenizer != "none":
+        return
+    teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else load_tokenizer(recipe.teacher, "teacher")
+    detail = tokenizer_difference(teacher_tokenizer, student_tokenizer)
+    if detail is not None:
+        raise tokenizer_mismatch_error(recipe.teacher.name_or_path, recipe.student.name_or_path, detail)
+
+
+def cache_tokenizer_or_refuse(recipe, cache, student_tokenizer) -> None:
+    """A cache holds the logits of the tokenizer it was built with (dd-cache build tokenizes with the teacher's):
+    for token-level KD it must be the student's, else the refusal names the two ways forward. The teacher's own
+    files are not needed (a 671B hub teacher need not be on the training cluster)."""
+    from dist_distill.models.loading import tokenizer_fingerprint
+
+    m = cache.manifest
+    if recipe.loss.cross_tokenizer != "none" or m["tokenizer_sha256"] == tokenizer_fingerprint(student_tokenizer):
+        return
+    raise tokenizer_mismatch_error(
+        recipe.teacher.name_or_path, recipe.student.name_or_path,
+        f"teacher cache {cache.dir} was built with a tokenizer of {m['vocab_size']} tokens, sha256 "
+        f"{m['tokenizer_sha256'][:12]}, the student's has {len(student_tokenizer)}, sha256 "
+        f"{tokenizer_fingerprint(student_tokenizer)[:12]}; if both models do share a tokenizer, the cache was built "
+        "for another teacher: rebuild it")
 
 
 def expected_cache_fields(recipe, tokenizer=None, data=None) -> dict:
@@ -49,6 +103,7 @@ def build_teacher_source(recipe, tokenizer, data, device: torch.device, step_fn)
         from dist_distill.teacher.cache.reader import CacheTeacher, TeacherCache
 
         cache = TeacherCache(ts.cache_dir)
+        cache_tokenizer_or_refuse(recipe, cache, tokenizer)
         cache.check_matches(expected_cache_fields(recipe, tokenizer, data))
         if recipe.loss.tail == "bucket":  # refused at start-up, not at the first step
             from dist_distill.teacher.tails import column_of

@@ -381,7 +381,7 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
     cache_dir = Path(ts.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.teacher, "teacher")
-    same_tokenizer_or_refuse(recipe, load_tokenizer(recipe.student, "student"))
+    same_tokenizer_or_refuse(recipe, load_tokenizer(recipe.student, "student"), tokenizer)
     data = load_tokenized(recipe.data.train, tokenizer, recipe.data, recipe.data.max_samples)
     vocab_size = len(tokenizer)
     k = ts.top_k

@@ -252,7 +252,8 @@ def serve(recipe, roles: Roles, bridge) -> None:
 
     from dist_distill.data.records import load_tokenized
     from dist_distill.training.distributed import default_backend
-    from dist_distill.models.loading import load_tokenizer, tokenizer_fingerprint
+    from dist_distill.models.loading import load_tokenizer
+    from dist_distill.teacher.sources import same_tokenizer_or_refuse
     from dist_distill.teacher.tails import tail_temperatures
     from dist_distill.training.distributed import get_accelerator_device
 
@@ -264,9 +265,7 @@ def serve(recipe, roles: Roles, bridge) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=2 * startup_timeout_s(recipe)))
     try:
         tokenizer = load_tokenizer(recipe.teacher, "teacher")
-        if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(load_tokenizer(recipe.student, "student")):
-            raise UserError(f"teacher {recipe.teacher.name_or_path} and student {recipe.student.name_or_path} use "
-                            "different tokenizers: token-level logit distillation is invalid across vocabularies")
+        same_tokenizer_or_refuse(recipe, load_tokenizer(recipe.student, "student"), tokenizer)
         data = load_tokenized(recipe.data.train, tokenizer, recipe.data, recipe.data.max_samples)
         vocab = len(tokenizer)
         if ts.top_k > vocab:
