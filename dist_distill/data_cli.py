@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a recipe field, e.g. --set data.max_seq_len=4096 (repeatable)")
     prep.add_argument("--split", choices=["train", "eval", "both"], default="both",
-                      help="which of data.train / data.eval to prepare (default both; eval only when set)")
+                      help="which of data.train (with data.replay) / data.eval to prepare (default both; each only when set)")
     prep.add_argument("--tokenizer", choices=["student", "teacher"], default="student",
                       help="whose tokenizer (and chat template) to use; they must agree for token-level distillation")
     args = parser.parse_args(argv)
@@ -33,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     tokenizer = load_tokenizer(getattr(recipe, args.tokenizer), args.tokenizer)
-    jobs = [("train", recipe.data.train, recipe.data.max_samples)] if args.split in ("train", "both") else []
-    if args.split in ("eval", "both") and recipe.data.eval:
-        jobs.append(("eval", recipe.data.eval, None))
-    for name, source, limit in jobs:
+    from dist_distill.data.replay import replay_data_spec
+
+    d = recipe.data
+    jobs = [("train", d.train, d, d.max_samples)] if args.split in ("train", "both") else []
+    if args.split in ("train", "both") and d.replay is not None:  # its own store, without data.augment
+        jobs.append(("replay", d.replay.path, replay_data_spec(d), d.replay.max_samples))
+    if args.split in ("eval", "both") and d.eval:
+        jobs.append(("eval", d.eval, d, None))
+    for name, source, spec, limit in jobs:
         t0 = time.monotonic()
-        data = load_tokenized(source, tokenizer, recipe.data, limit, progress=True)
+        data = load_tokenized(source, tokenizer, spec, limit, progress=True)
         seconds = time.monotonic() - t0
         print(f"dd-data: {name} store ready in {seconds:.1f} s: {data.store.report()}", flush=True)
     return 0

@@ -43,6 +43,73 @@ class ModelSpec:
 
 
 @dataclass
+class ReplaySpec:
+    """Samples of another dataset mixed into the training stream against forgetting (data/replay.py).
+
+    Replay rows are trained with hard-label cross-entropy only: no teacher is asked for them and they
+    never enter a KD term. Their CE SUM, times `weight`, is divided by the step's MAIN-data target-token
+    count (the KD normalisation, DESIGN fact 4, is unchanged): a replay target token weighs `weight`
+    times a main-data target token. Which steps carry replay rows, and which, is a pure function of
+    (seed, step): resumable."""
+
+    path: str = ""
+    """Replay data: a local .jsonl/.json/.parquet/.arrow/.csv file or a hub dataset name, tokenized into
+    the token store like data.train (same tokenizer, max_seq_len and bad-row policies; no augmentation)."""
+    samples: Optional[int] = None
+    """Replay samples (all ranks together) per `every_steps` optimizer steps, e.g. 100 per 1000 (seed 2)."""
+    every_steps: Optional[int] = None
+    """The period of `samples`, in optimizer steps."""
+    fraction: Optional[float] = None
+    """Instead of samples / every_steps: replay samples per main-data sample of a step (0.1: one replay
+    sample per ten main samples; scales with world size x grad_accum x micro_batch_size)."""
+    weight: float = 1.0
+    """Weight of a replay target token's CE relative to a main-data target token."""
+    split: Optional[str] = None
+    """Hub split of the replay data (None: data.split)."""
+    revision: Optional[str] = None
+    """Hub revision of the replay data (None: data.revision)."""
+    prompt_field: Optional[str] = None
+    """Prompt field of the replay records (None: data.prompt_field)."""
+    answer_field: Optional[str] = None
+    """Answer field of the replay records (None: data.answer_field)."""
+    format: Optional[Literal["auto", "prompt_answer", "messages"]] = None
+    """Record shape of the replay records (None: data.format)."""
+    messages_field: Optional[str] = None
+    """Chat-turns field of the replay records (None: data.messages_field)."""
+    max_samples: Optional[int] = None
+    """Use only the first N replay records (None: all)."""
+
+
+@dataclass
+class AugmentSpec:
+    """One augmentation applied to each training record at prepare time (data/augment.py), before
+    tokenization; the store's key records its identity, so changing it builds a new store."""
+
+    fn: str = ""
+    """"synonyms" (the built-in: synonym replacement from `table`), or a user function given as
+    "package.module:function" or "path/to/file.py:function" (see README, Augmentation)."""
+    copies: int = 1
+    """Augmented copies made of each record (copy = 0 .. copies-1; each is one call of the function)."""
+    keep_original: bool = True
+    """Keep the record itself besides its copies (1 + copies samples per record), or only the copies."""
+    fields: list[str] = field(default_factory=list)
+    """Record fields the built-in rewrites (string fields; empty: data.prompt_field); passed to a user
+    function as `fields`."""
+    table: Optional[str] = None
+    """synonyms: the synonym table, a .json object {"word": ["synonym", ...]} or a .tsv file of lines
+    "word<TAB>synonym<TAB>synonym..." (lookup is case-insensitive; its sha256 enters the store key)."""
+    probability: float = 0.1
+    """synonyms: chance that each word found in the table is replaced in a copy."""
+    seed: int = 0
+    """Seed of the per-record random generator (a function of seed, record index, copy: deterministic
+    whichever rank or chunk tokenizes the record)."""
+    version: Optional[str] = None
+    """A user function's version string in the store key; None: the sha256 of its module's source file."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for a user function (YAML values; they enter the store key)."""
+
+
+@dataclass
 class DataSpec:
     """The token stream: prompt/answer records from a local file or a hub dataset."""
 
@@ -82,6 +149,11 @@ class DataSpec:
     prefetch: bool = True
     """Prepare the next optimizer step's batches (store reads, padding, pinned host copies) and a cache
     teacher's rows in a background thread while the current step runs (data/pipeline.py)."""
+    replay: Optional[ReplaySpec] = None
+    """Replay against forgetting: another dataset's samples mixed into the stream at a fixed rate, CE only."""
+    augment: list[AugmentSpec] = field(default_factory=list)
+    """Augmentations applied in order to every data.train record when the store is built (each record
+    becomes keep_original + copies samples per entry; streamed chunk by chunk, never all in memory)."""
     store_dir: Optional[str] = None
     """Where tokenized stores live (one folder per fingerprint of data, tokenizer, template and these
     settings). None: $DD_DATA_STORE, else ~/.cache/dist_distill/token_store."""
@@ -339,6 +411,8 @@ class Recipe:
         _check(self.student.name_or_path != "", "student.name_or_path is empty: give a hub name or a local model directory")
         _check(self.data.train != "", "data.train is empty: give a .jsonl/.parquet file or a hub dataset name")
         _check(self.data.max_seq_len >= 2, f"data.max_seq_len={self.data.max_seq_len}: must be at least 2")
+        self._check_replay()
+        self._check_augment()
         lo = self.loss
         _check(lo.temperature > 0, f"loss.temperature={lo.temperature}: must be > 0")
         _check(0.0 <= lo.ce_weight <= 1.0, f"loss.ce_weight={lo.ce_weight}: must lie in [0, 1]")
@@ -430,6 +504,39 @@ class Recipe:
         _check(not self.uses_term("hidden") and not self.uses_term("attention"),
                f"loss.cross_tokenizer={lo.cross_tokenizer}: the hidden and attention terms align the two models "
                "position by position, which different tokenizations do not allow; set their weights to 0")
+
+    def _check_replay(self) -> None:
+        rp = self.data.replay
+        if rp is None:
+            return
+        _check(rp.path != "", "data.replay.path is empty: give the replay data (a local file or a hub dataset name)")
+        by_count = rp.samples is not None or rp.every_steps is not None
+        _check(by_count != (rp.fraction is not None), "data.replay: give either samples and every_steps "
+               f"(e.g. 100 per 1000 steps) or fraction, not {'both' if by_count else 'neither'}")
+        if by_count:
+            _check(rp.samples is not None and rp.every_steps is not None,
+                   "data.replay.samples and data.replay.every_steps go together (samples per every_steps steps)")
+            _check(rp.samples >= 1 and rp.every_steps >= 1, f"data.replay.samples={rp.samples} and "
+                   f"data.replay.every_steps={rp.every_steps}: both must be >= 1")
+        else:
+            _check(0 < rp.fraction <= 16, f"data.replay.fraction={rp.fraction}: must lie in (0, 16] "
+                   "(replay samples per main-data sample)")
+        _check(rp.weight > 0, f"data.replay.weight={rp.weight}: must be > 0")
+        _check(rp.max_samples is None or rp.max_samples >= 1,
+               f"data.replay.max_samples={rp.max_samples}: must be >= 1 or null")
+
+    def _check_augment(self) -> None:
+        for i, aug in enumerate(self.data.augment):
+            key = f"data.augment[{i}]"
+            _check(aug.fn != "", f"{key}.fn is empty: give \"synonyms\" or a user function \"module:function\"")
+            _check(aug.fn == "synonyms" or (":" in aug.fn and all(aug.fn.rsplit(":", 1))),
+                   f"{key}.fn={aug.fn!r}: expected \"synonyms\" or \"package.module:function\" / \"file.py:function\"")
+            _check(aug.copies >= 1, f"{key}.copies={aug.copies}: must be >= 1")
+            _check(0.0 <= aug.probability <= 1.0, f"{key}.probability={aug.probability}: must lie in [0, 1]")
+            if aug.fn == "synonyms":
+                _check(aug.table is not None, f"{key}: the synonyms built-in needs a table (a .json or .tsv file)")
+                _check(Path(aug.table).expanduser().is_file(), f"{key}.table={aug.table}: file does not exist")
+                _check(not aug.params, f"{key}.params: the synonyms built-in takes no params (got {sorted(aug.params)})")
 
     def _check_eval(self) -> None:
         """The evaluation-during-training keys (output.eval_*, output.best_metric) agree with each other."""
@@ -532,6 +639,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{key}={value!r}: expected {_type_name(tp)}")
         return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{key}={value!r}: expected true or false")

@@ -6,7 +6,8 @@ identity, the tokenizer, its chat template and every data setting that changes t
     tokens.npy   uint32 [T]      the kept samples' token ids, concatenated, no padding
     labels.npy   uint8  [T]      1 where that token is a training target (predicted from the one before)
     offsets.npy  int64  [S + 1]  sample i is tokens[offsets[i]:offsets[i+1]] (at most max_seq_len)
-    records.npy  int64  [S]      the source record each sample came from (bad rows leave gaps)
+    records.npy  int64  [S]      the source record each sample came from (bad rows leave gaps; the copies
+                                 data.augment makes of a record follow it and repeat its number)
     meta.json                    counts, bad rows by kind, the fingerprints the teacher cache binds to
 
 T is the number of real tokens (4 bytes + 1 byte each: 1M samples x 1000 tokens is 5 GB on disk and
@@ -22,6 +23,11 @@ renamed, so a chunk file is complete or absent: a killed build resumes at the mi
 computes the fingerprints, fsyncs and renames that folder to ``<key>``: a store folder exists only
 complete. Other ranks wait for it. At 64 ranks and 1M records: 123 chunks of 8192, two per rank; the
 concatenation and the fingerprint pass are one sequential read of the store on rank 0.
+
+Augmentation (data.augment, data/augment.py) runs inside `build_chunk`: a chunk's records are expanded
+into their variants there, so a 1M -> 3M expansion streams chunk by chunk like the rest; the
+augmentations' identity (settings, table hash, user function and its version or source hash) is
+part of the key, so a changed table builds a new store instead of reusing the old one.
 """
 
 from __future__ import annotations
@@ -179,9 +185,24 @@ def store_key(source: str, tokenizer, spec) -> tuple[str, dict]:
     """(sha256 hex, the identity it hashes) of the store these records, tokenizer and settings give."""
     identity = {"version": VERSION, "source": source_identity(source, spec), "tokenizer": tokenizer_identity(tokenizer),
                 "settings": {k: getattr(spec, k) for k in KEY_SETTINGS}}
+    augmenters = _augmenters(source, spec)
+    if augmenters:  # absent when there is none: stores without augmentation keep their keys
+        from dist_distill.data.augment import identity as augment_identity
+
+        identity["augment"] = augment_identity(augmenters)
     if not is_local(source):
         identity["settings"].pop("split"), identity["settings"].pop("revision")
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(), identity
+
+
+def _augmenters(source: str, spec) -> list:
+    """data.augment's resolved entries when `source` is data.train (held-out and replay data are never
+    augmented), else []."""
+    if not getattr(spec, "augment", None) or source != spec.train:
+        return []
+    from dist_distill.data.augment import resolve
+
+    return resolve(spec)
 
 
 def store_root(spec) -> Path:
@@ -215,26 +236,35 @@ def build_chunk(records: RecordSource, tokenizer, spec, fmt: str, index: int, pa
     """Tokenize records [index*CHUNK, ...) into one chunk file; a bad row under policy "fail" stops the build
     (every rank sees the same error through failed.txt)."""
     start = index * CHUNK
-    rows = encode_batch(records.read(start, min(start + CHUNK, len(records))), tokenizer, spec, fmt)
+    raw = records.read(start, min(start + CHUNK, len(records)))
+    augmenters = _augmenters(records.source, spec)
+    if augmenters:  # each record -> its augmented variants (data/augment.py), this chunk only
+        from dist_distill.data.augment import expand
+
+        items = expand(augmenters, raw, start)
+    else:
+        items = [(rec, start + k, "") for k, rec in enumerate(raw)]
+    rows = encode_batch([rec for rec, _, _ in items], tokenizer, spec, fmt)
     counts = dict.fromkeys(BAD_KINDS, 0)
     first_bad: dict[str, str] = {}
     seqs, labels, rec_ids = [], [], []
-    for k, row in enumerate(rows):
-        where = f"data {records.source}: record {start + k}"
+    for (_, rec_index, variant), row in zip(items, rows):
+        what = f"record {rec_index}" + (f" (augmented copy {variant})" if variant else "")
+        where = f"data {records.source}: {what}"
         if isinstance(row, BadRow):
             policy = spec.too_long if row.kind == "too_long" else spec.bad_rows
             setting = "data.too_long (fail / skip / truncate)" if row.kind == "too_long" else "data.bad_rows (fail / skip)"
             if policy == "fail":
                 _fail(partial, f"{where} {row.detail} [{row.kind}]; set {setting} to drop such records")
             counts[row.kind] += 1
-            first_bad.setdefault(row.kind, f"record {start + k} {row.detail}")
+            first_bad.setdefault(row.kind, f"{what} {row.detail}")
             continue
         if len(row) == 3:
             counts["truncated"] += 1
-            first_bad.setdefault("truncated", f"record {start + k} truncated to data.max_seq_len={spec.max_seq_len}")
+            first_bad.setdefault("truncated", f"{what} truncated to data.max_seq_len={spec.max_seq_len}")
         seqs.append(np.asarray(row[0], np.uint32))
         labels.append(row[1])
-        rec_ids.append(start + k)
+        rec_ids.append(rec_index)
     lengths = np.array([len(s) for s in seqs], np.int64)
     _atomic_savez(path, tokens=np.concatenate(seqs) if seqs else np.zeros(0, np.uint32),
                   labels=np.concatenate(labels) if labels else np.zeros(0, np.uint8), lengths=lengths,

@@ -167,6 +167,14 @@ class StepSettings:
     l2_scale: float = 0.0
 
 
+def replay_settings(step: StepSettings) -> StepSettings:
+    """The settings of a replay micro-batch (data/replay.py) at the step whose settings are `step`: the
+    output term alone at weight 1 (with no teacher signal the output term is hard-label CE), no hidden
+    or attention term, no projection L2 (it is counted once per step on the main micro-batches)."""
+    return StepSettings(weights={"output": 1.0, "hidden": 0.0, "attention": 0.0},
+                        temperature=step.temperature, l2_scale=0.0)
+
+
 def _layer_pairs(spec: IntermediateSpec, teacher_config, student_config) -> list[tuple[int, int]]:
     nt, ns = teacher_config.num_hidden_layers, student_config.num_hidden_layers
     if spec.layer_map is None:

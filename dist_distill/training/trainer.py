@@ -75,6 +75,7 @@ class Trainer:
         self.engine = self._build_engine()
         self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
                                    self.rank, r.seed, r.stages)
+        self.replay = self._replay_schedule() if r.data.replay is not None else None
         from dist_distill.data.pipeline import InputPipeline
         from dist_distill.teacher.cache.reader import CacheTeacher
 
@@ -95,6 +96,17 @@ class Trainer:
         from dist_distill.training.periodic_eval import build_periodic_eval
 
         self.evaluator = build_periodic_eval(self)  # None unless output.eval_every > 0
+
+    def _replay_schedule(self):
+        """The replay store (data.replay, built through the token store like data.train) and its schedule."""
+        from dist_distill.data.records import load_tokenized
+        from dist_distill.data.replay import ReplaySchedule, replay_data_spec, replay_rate
+
+        r = self.recipe
+        spec = replay_data_spec(r.data)
+        self.replay_data = load_tokenized(r.data.replay.path, self.tokenizer, spec, spec.max_samples)
+        rate = replay_rate(r.data.replay, self.world, r.optim.grad_accum, r.optim.micro_batch_size)
+        return ReplaySchedule(len(self.replay_data), rate, self.world, self.rank, r.optim.micro_batch_size, r.seed)
 
     def _build_engine(self):
         """The student inside a DistillationModule under DeepSpeed; with ZeRO-3 it is built inside
@@ -150,7 +162,8 @@ class Trainer:
         and stage positions are pure functions of it) and the skip counters."""
         op = self.recipe.optim
         return {"step": self.step, **self.skips.state(),
-                "samples_seen": self.step * self.world * op.grad_accum * op.micro_batch_size}
+                "samples_seen": self.step * self.world * op.grad_accum * op.micro_batch_size,
+                "replay_samples_seen": self.replay.due(self.step) if self.replay is not None else 0}
 
     def save_checkpoint(self) -> None:
         """Write and commit checkpoints/step-<step> on every rank (training.checkpoint.save_checkpoint)."""
@@ -184,52 +197,68 @@ class Trainer:
                             l2_scale=step_tokens / (self.world * r.optim.grad_accum))
 
     def _step_inputs(self, step: int) -> tuple:
-        """(micro-batch sample ids, CPU batches (pinned on CUDA), float64 [2] local counts, cache signals or
-        None) of optimizer step `step`: no engine, no collective (data.pipeline may run it in a thread)."""
+        """(micro-batch sample ids, CPU batches (pinned on CUDA), float64 [5] local counts, cache signals or
+        None, replay micro-batches) of optimizer step `step`: no engine, no collective (data.pipeline may
+        run it in a thread). counts: main target tokens, main tokens, replay target tokens, replay tokens,
+        replay samples. Replay micro-batches: [(batch, real)]; real=False is a filler row (weight 0)."""
         d, micro = self.data, self.sampler.step_indices(step)
-        pin = self.device.type == "cuda"
-        batches = [{k: (t.pin_memory() if pin else t) for k, t in
-                    (("input_ids", d.input_ids[i]), ("attention_mask", d.attention_mask[i]), ("targets", d.targets[i]))}
-                   for i in micro]
+        batches = [self._batch(d, i) for i in micro]
+        replay = []
+        if self.replay is not None:  # data/replay.py: the same number of replay micro-batches on every rank
+            for i in self.replay.step_indices(step):
+                real = len(i) > 0
+                replay.append((self._batch(self.replay_data, i if real else
+                                           torch.tensor([self.replay.sample(self.replay.due(step))])), real))
+        real_replay = [b for b, real in replay if real]
         counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in batches),
-                               sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64)
+                               sum(int(b["attention_mask"].sum()) for b in batches),
+                               sum(int((b["targets"] != -100).sum()) for b in real_replay),
+                               sum(int(b["attention_mask"].sum()) for b in real_replay),
+                               sum(len(b["targets"]) for b in real_replay)], dtype=torch.float64)
         signals = [self._input_teacher.signal(i, b) for i, b in zip(micro, batches)] \
             if self._input_teacher is not None else None
-        return micro, batches, counts, signals
+        return micro, batches, counts, signals, replay
+
+    def _batch(self, data, indices: torch.Tensor) -> dict:
+        pin = self.device.type == "cuda"
+        return {k: (t.pin_memory() if pin else t) for k, t in (("input_ids", data.input_ids[indices]),
+                ("attention_mask", data.attention_mask[indices]), ("targets", data.targets[indices]))}
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
-        micro, cpu_batches, counts, signals = self.inputs.get(self.step)
+        micro, cpu_batches, counts, signals, replay = self.inputs.get(self.step)
         counts = counts.to(self.device)
         torch.distributed.all_reduce(counts)
         n_targets = max(counts[0].item(), 1.0)
         settings = self.step_settings(n_targets)
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         self.faults.at_step_start(self.step + 1)
         bad = torch.zeros(1, device=self.device)
+        last = len(micro) + len(replay) - 1  # the same on every rank (replay: data/replay.py)
         for m, indices in enumerate(micro):
             batch = {k: t.to(self.device, non_blocking=True) for k, t in cpu_batches[m].items()}
             teacher = signals[m] if signals is not None else \
                 self.teacher.signal(indices, batch) if self.teacher is not None else None
-            loss_sum, parts = self.engine(**batch, teacher=teacher, step=settings)
-            loss_sum = self.faults.poison_loss(self.step + 1, loss_sum)
-            bad += (~torch.isfinite(loss_sum.detach())).float()
-            if m == len(micro) - 1:
-                # one rank's non-finite loss must skip the step on all: poison every rank's last
-                # micro-batch so the engine's global gradient norm is non-finite and its step is skipped
-                torch.distributed.all_reduce(bad)
-                if bad.item() > 0:
-                    loss_sum = loss_sum * float("nan")
-            # ZeRO averages gradients over ranks; scaling by world / N makes the step's gradient
-            # d(sum over all target tokens of all ranks and micro-batches)/d(theta) / N.
-            self.engine.backward(loss_sum * (self.world / n_targets), scale_wrt_gas=False)
-            self.engine.step()
-            sums += torch.stack([loss_sum.detach()] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
+            loss_sum, parts = self._micro_step(batch, teacher, settings, 1.0, m == last, bad, n_targets)
+            sums[:5] += torch.stack([loss_sum] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
+        if replay:
+            from dist_distill.objective.module import replay_settings
+
+            # replay rows: CE only (no teacher is asked), weighted against the step's MAIN target tokens
+            for m, (cpu_batch, real) in enumerate(replay, len(micro)):
+                batch = {k: t.to(self.device, non_blocking=True) for k, t in cpu_batch.items()}
+                weight = self.recipe.data.replay.weight if real else 0.0  # a filler row only keeps ranks in step
+                loss_sum, _ = self._micro_step(batch, None, replay_settings(settings), weight, m == last, bad, n_targets)
+                sums[5] += loss_sum.double() if real else 0.0
         torch.distributed.all_reduce(sums)
         skipped = self.skips.account(bad.item() > 0, self.step + 1)
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        mean = (sums / n_targets).tolist()
+        mean = (sums[:5] / n_targets).tolist()
+        replay_metrics = {"replay_samples": int(counts[4].item()), "replay_tokens": int(counts[2].item()),
+                          "replay_samples_total": self.replay.due(self.step)} if self.replay is not None else {}
+        if counts[2].item() > 0:  # mean CE per replay target token, on steps that carry replay rows
+            replay_metrics["replay_ce"] = sums[5].item() / counts[2].item()
         return {"step": self.step, "loss": mean[0], "divergence": mean[1], "ce": mean[2], "hidden": mean[3],
                 "attention": mean[4], "lr": self.engine.get_lr()[0], "temperature": settings.temperature,
                 **{f"weight_{k}": v for k, v in settings.weights.items()},
@@ -238,7 +267,28 @@ class Trainer:
                 "skipped": skipped, "skipped_total": self.skips.total,
                 "input_wait_s": self.inputs.wait_s,  # cumulative time this rank waited for its inputs
                 "bad_rows_dropped": sum(v for k, v in self.data.bad_rows.items() if k != "truncated"),
-                "rows_truncated": self.data.bad_rows.get("truncated", 0)}
+                "rows_truncated": self.data.bad_rows.get("truncated", 0), **replay_metrics}
+
+    def _micro_step(self, batch: dict, teacher, settings, weight: float, last: bool, bad: torch.Tensor,
+                    n_targets: float) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one micro-batch; the optimizer steps after the `last` one of the step
+        (explicit boundaries: a step may carry replay micro-batches beyond grad_accum). Returns the detached
+        loss sum and parts."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        loss_sum, parts = self.engine(**batch, teacher=teacher, step=settings)
+        loss_sum = self.faults.poison_loss(self.step + 1, loss_sum)
+        bad += (~torch.isfinite(loss_sum.detach())).float()
+        if last:
+            # one rank's non-finite loss must skip the step on all: poison every rank's last
+            # micro-batch so the engine's global gradient norm is non-finite and its step is skipped
+            torch.distributed.all_reduce(bad)
+            if bad.item() > 0:
+                loss_sum = loss_sum * float("nan")
+        # ZeRO averages gradients over ranks; scaling by world / N makes the step's gradient
+        # d(sum over all target tokens of all ranks and micro-batches)/d(theta) / N (N: main target tokens).
+        self.engine.backward(loss_sum * (weight * self.world / n_targets), scale_wrt_gas=False)
+        self.engine.step()
+        return loss_sum.detach(), parts
 
     def train(self) -> None:
         """Steps until optim.max_steps, a checkpoint every output.save_every steps and one at the end."""
