@@ -535,7 +535,6 @@ class Recipe:
             _check(0.0 <= aug.probability <= 1.0, f"{key}.probability={aug.probability}: must lie in [0, 1]")
             if aug.fn == "synonyms":
                 _check(aug.table is not None, f"{key}: the synonyms built-in needs a table (a .json or .tsv file)")
-                _check(Path(aug.table).expanduser().is_file(), f"{key}.table={aug.table}: file does not exist")
                 _check(not aug.params, f"{key}.params: the synonyms built-in takes no params (got {sorted(aug.params)})")
 
     def _check_eval(self) -> None:

@@ -123,7 +123,7 @@ def test_user_hook_identity(tmp_path):
     assert out == {"prompt": "p", "answer": f"a-{digit}"} and (index, variant) == (4, ".0:0")
     assert rec == {"prompt": "p", "answer": "a"}  # the input record is not modified
     ident = augment.resolve(spec)[0].identity
-    assert ident["function"].endswith("my_aug.py:tag") and ident["params"] == {"suffix": "-"}
+    assert ident["function"] == f"{fn_file}:tag" and ident["params"] == {"suffix": "-"}
     assert ident["source_sha256"] == augment._file_sha256(fn_file) and ident["version"] is None
     versioned = DataSpec(train="x", augment=[AugmentSpec(fn=f"{fn_file}:tag", version="v2", params={"suffix": "-"})])
     assert "source_sha256" not in augment.resolve(versioned)[0].identity

@@ -162,7 +162,7 @@ def _import_user_fn(name: str, key: str) -> tuple[Callable, str, Path | None]:
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
             spec.loader.exec_module(module)
-        label = f"{path}"
+        label = target  # as written: the key does not depend on where the checkout lies (the source hash does the rest)
     else:
         try:
             module = importlib.import_module(target)

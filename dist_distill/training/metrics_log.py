@@ -9,7 +9,8 @@ from dist_distill.training.checkpoint import truncate_jsonl
 
 SCALARS = {"loss/": ("loss", "divergence", "ce", "hidden", "attention"),
            "schedule/": ("weight_output", "weight_hidden", "weight_attention", "temperature"),
-           "optim/": ("lr", "grad_norm"), "throughput/": ("tokens_per_s",)}
+           "optim/": ("lr", "grad_norm"), "throughput/": ("tokens_per_s",),
+           "replay/": ("replay_ce", "replay_samples", "replay_tokens", "replay_samples_total")}
 
 
 class MetricsLog:
