@@ -192,3 +192,67 @@ def test_uld_properties():
                                  labels=torch.zeros(5, dtype=torch.long), teacher_probs=p.float(),
                                  teacher_tail=r.float(), aligned_rows=torch.arange(5), ce_weight=0.0, uld_weight=1.0)
     torch.testing.assert_close(loss.double(), want.sum(), rtol=1e-5, atol=1e-5)
+
+
+# ---- pairing and the end-to-end run ---------------------------------------------------------------
+
+def test_align_rows_by_response_position():
+    """Sample b pairs its first min(n_s, n_t) response tokens; rows are row-major indices on each side."""
+    from dist_distill.teacher.cross_tokenizer import align_rows
+
+    s_rows, t_rows = align_rows(torch.tensor([3, 0, 5, 2]), torch.tensor([2, 4, 5, 0]))
+    assert s_rows.tolist() == [0, 1, 3, 4, 5, 6, 7] and t_rows.tolist() == [0, 1, 6, 7, 8, 9, 10]
+
+
+@pytest.mark.slow
+@pytest.mark.bad_inputs(1)
+def test_uld_from_a_teacher_tokenizer_cache_falls_on_two_zero3_ranks(tiny_world, other_teacher, tmp_path):
+    """dd-cache build tokenizes with the teacher's tokenizer (the manifest names it); the signal pairs each student
+    response token with the teacher row of the same record and response position, truncated to the shorter
+    response; 2 ZeRO-3 ranks train on CE + ULD and the ULD term falls; a token-level recipe is refused."""
+    import sys
+
+    from conftest import run_cmd, torchrun
+    from dist_distill.data.records import IGNORE_INDEX, load_tokenized
+    from dist_distill.models.loading import load_tokenizer, tokenizer_fingerprint
+    from dist_distill.teacher.cache.writer import build_cache
+    from dist_distill.teacher.sources import build_teacher_source
+
+    sets = [f"student.name_or_path={tiny_world}/student_init", f"teacher.name_or_path={other_teacher}",
+            f"data.train={tiny_world}/data/student_train.jsonl", f"teacher_source.cache_dir={tmp_path}/cache",
+            f"output.dir={tmp_path}/run", "loss.cross_tokenizer=uld", "loss.temperature=1.0", "loss.ce_weight=0.5",
+            "loss.uld_weight=1.5", "optim.max_steps=12", "optim.warmup_steps=0", "optim.micro_batch_size=8",
+            "output.log_every=1", "output.export=false"]
+    args = [a for s in sets for a in ("--set", s)]
+    run_cmd([sys.executable, "-m", "dist_distill.cache", "build", str(TINY), *args, "--quiet"], timeout=900)
+    teacher_tok = load_tokenizer(SimpleNamespace(name_or_path=str(other_teacher), revision=None,
+                                                 trust_remote_code=False), "teacher")
+    manifest = json.loads((tmp_path / "cache/manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == tokenizer_fingerprint(teacher_tok) and manifest["vocab_size"] == 96
+    # the pairing, in process: student sample i <-> teacher sample of the same record, i-th response tokens
+    r = load_recipe(TINY, sets)
+    student_tok = load_tokenizer(r.student, "student")
+    data = load_tokenized(r.data.train, student_tok, r.data)
+    source = build_teacher_source(r, student_tok, data, torch.device("cpu"), lambda: 0)
+    idx = torch.tensor([5, 0, 17])
+    batch = {"targets": data.targets[idx]}
+    sig = source.signal(idx, batch)
+    t_data = load_tokenized(r.data.train, teacher_tok, r.data)
+    ns = (batch["targets"] != IGNORE_INDEX).sum(1)
+    nt = (t_data.targets[idx] != IGNORE_INDEX).sum(1)  # no bad rows here: record i is sample i on both sides
+    assert (nt < ns).all(), (ns, nt)  # merged digits: the teacher's responses are shorter, the student's truncated
+    assert sig.aligned_rows.tolist() == [int(ns[:b].sum()) + j for b in range(3) for j in range(int(nt[b]))]
+    ids, logits, *_ = source.cache.fetch(idx)
+    t_mask = t_data.targets[idx] != IGNORE_INDEX
+    assert torch.equal(sig.topk[1], logits[t_mask][:, :r.teacher_source.top_k])
+    # token-level KD from this teacher is refused before anything is scored
+    with pytest.raises(UserError, match="different tokenizers .* Two ways forward"):
+        build_cache(load_recipe(TINY, sets[:5] + [f"teacher_source.cache_dir={tmp_path}/cache2"]), progress=False)
+    torchrun(2, "dist_distill.train", str(TINY), *args, timeout=900)
+    steps = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    part = json.loads((tmp_path / "run/partition-rank0.json").read_text())
+    assert part["world_size"] == 2 and part["zero_stage"] == 3 and part["local_elements"] < part["total_elements"]
+    uld = [s["divergence"] for s in steps]
+    assert len(uld) == 12 and all(u > 0 for u in uld)
+    assert sum(uld[-3:]) / 3 < 0.7 * sum(uld[:3]) / 3, uld  # ULD to the teacher falls
+    assert all(abs(s["loss"] - (0.5 * s["ce"] + 1.5 * s["divergence"])) < 1e-4 for s in steps)

@@ -28,11 +28,17 @@ def install_loss_head(head: nn.Linear) -> None:
     """Give `head` (the student's lm_head) a forward(hidden, loss_inputs=None).
 
     Without loss_inputs it is the plain linear layer (generation, evaluation); with them it
-    returns ``(loss, parts)`` of `dist_distill.kernels.fused_linear_distill_loss` on `hidden` [n, H].
+    returns ``(loss, parts)`` of `dist_distill.kernels.fused_linear_distill_loss` on `hidden` [n, H]
+    (of `dist_distill.losses.fused_uld.fused_linear_uld_loss` when ``cross_tokenizer="uld"``).
     """
     def forward(self, hidden: torch.Tensor, loss_inputs: dict | None = None):
         if loss_inputs is None:
             return F.linear(hidden, self.weight, self.bias)
+        if loss_inputs.get("cross_tokenizer") == "uld":
+            from dist_distill.losses.fused_uld import fused_linear_uld_loss
+
+            kw = {k: v for k, v in loss_inputs.items() if k != "cross_tokenizer"}
+            return fused_linear_uld_loss(hidden, self.weight, bias=self.bias, return_parts=True, **kw)
         from dist_distill.kernels import fused_linear_distill_loss
 
         return fused_linear_distill_loss(hidden, self.weight, bias=self.bias, return_parts=True, **loss_inputs)
@@ -49,6 +55,12 @@ def unfused_output_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Tea
     ce = F.cross_entropy(student, labels, reduction="sum")
     if teacher is None:
         return ce, {"div": torch.zeros_like(ce).detach(), "ce": ce.detach()}
+    if spec.cross_tokenizer == "uld":
+        from dist_distill.losses.uld import uld_topk
+
+        u = teacher.uld_inputs(spec.temperature)
+        uld = uld_topk(student[u["aligned_rows"]], u["teacher_probs"], u["teacher_tail"], spec.temperature).sum()
+        return spec.ce_weight * ce + spec.uld_weight * uld, {"div": uld.detach(), "ce": ce.detach()}
     kw = dict(temperature=spec.temperature, scale_by_t2=spec.scale_by_t2, beta=spec.beta,
               skew_alpha=spec.skew_alpha, vocab_size=vocab_size, reduction="sum")
     if teacher.topk is not None:
@@ -106,6 +118,10 @@ class DistillationModule(nn.Module):
         if teacher is None:
             # hard labels only: CE through the same fused path (the divergence against itself is 0)
             return dict(inputs, kind="fkl", ce_weight=1.0, teacher_topk=_self_topk(labels))
+        if s.cross_tokenizer == "uld":  # CE on every student target + ULD on the rows paired with teacher rows
+            return dict(labels=labels, vocab_size=self.vocab_size, chunk_bytes=inputs["chunk_bytes"],
+                        cross_tokenizer="uld", temperature=temperature, ce_weight=s.ce_weight,
+                        uld_weight=s.uld_weight, **teacher.uld_inputs(temperature))
         return dict(inputs, kind=s.kind, temperature=temperature, scale_by_t2=s.scale_by_t2, beta=s.beta,
                     skew_alpha=s.skew_alpha, tail=s.tail, ce_weight=s.ce_weight, **teacher.loss_inputs(temperature, s.tail))
 

@@ -17,7 +17,10 @@ class TeacherSignal:
     hidden, weight, bias: dense teacher as final hidden states [n, Ht], lm_head weight [V_t, Ht]
         and bias [V_t] or None (its logits are hidden @ weight.T, computed chunk by chunk);
     layer_hidden: per-layer hidden states, tuple of [B, L, Ht] (index 0 = embeddings), or None;
-    attentions: per-layer attention maps, tuple of [B, heads, L, L], or None.
+    attentions: per-layer attention maps, tuple of [B, heads, L, L], or None;
+    aligned_rows: cross-tokenizer (loss.cross_tokenizer): int64 [M], increasing: the student target row
+        (row-major index into the micro-batch's target tokens) each of the M top-k teacher rows is paired
+        with (teacher.cross_tokenizer); None: row i is the student's target token i (same tokenizer).
     """
 
     topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -28,8 +31,24 @@ class TeacherSignal:
     bias: torch.Tensor | None = None
     layer_hidden: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    aligned_rows: torch.Tensor | None = None
     source: str = "the teacher signal"
     """Who produced it, for errors (e.g. "teacher cache runs/x/cache")."""
+
+    def uld_inputs(self, temperature: float) -> dict:
+        """Keyword arguments for `dist_distill.losses.fused_uld.fused_linear_uld_loss`: the aligned teacher rows'
+        sorted top-k probabilities and exact tail mass at `temperature` (a temperature the rows do not carry is
+        refused, naming both), and the student rows they pair with."""
+        from dist_distill.losses.uld import teacher_sorted_topk
+        from dist_distill.teacher.tails import column_of
+
+        if self.topk is None or self.aligned_rows is None or self.log_tails is None:
+            from dist_distill.errors import UserError
+
+            raise UserError(f"loss.cross_tokenizer=uld: {self.source} carries no aligned top-k rows with tail masses")
+        j = column_of(self.tail_temperatures, temperature, self.source)
+        probs, tail = teacher_sorted_topk(self.topk[1], log_tail=self.log_tails[:, j], temperature=temperature)
+        return {"teacher_probs": probs, "teacher_tail": tail, "aligned_rows": self.aligned_rows}
 
     def loss_inputs(self, temperature: float = 1.0, tail: str = "renorm") -> dict:
         """Keyword arguments for `dist_distill.kernels.fused_linear_distill_loss` / the unfused loss.

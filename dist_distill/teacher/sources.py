@@ -103,6 +103,8 @@ def build_teacher_source(recipe, tokenizer, data, device: torch.device, step_fn)
         from dist_distill.teacher.cache.reader import CacheTeacher, TeacherCache
 
         cache = TeacherCache(ts.cache_dir)
+        if recipe.loss.cross_tokenizer != "none":
+            return _cross_tokenizer_cache(recipe, cache, data, device)
         cache_tokenizer_or_refuse(recipe, cache, tokenizer)
         cache.check_matches(expected_cache_fields(recipe, tokenizer, data))
         if recipe.loss.tail == "bucket":  # refused at start-up, not at the first step
@@ -121,3 +123,22 @@ def build_teacher_source(recipe, tokenizer, data, device: torch.device, step_fn)
         return ColocatedTeacher(load_colocated_teacher(recipe.teacher, device, ts.load_in_8bit),
                                 need_layers=recipe.uses_term("hidden"), need_attentions=recipe.uses_term("attention"))
     return None
+
+
+def _cross_tokenizer_cache(recipe, cache, student_data, device):
+    """The cache source of loss.cross_tokenizer: the cache is bound to the TEACHER's tokenization of the data (its
+    tokenizer, token ids and targets), which is loaded (or built) here from the teacher's tokenizer; student and
+    teacher samples pair by source record (teacher.cross_tokenizer). Refused at start-up: a cache of another
+    tokenization, or one without the tail mass at loss.temperature."""
+    from dist_distill.data.records import load_tokenized
+    from dist_distill.models.loading import load_tokenizer
+    from dist_distill.teacher.cache.reader import CacheTeacher
+    from dist_distill.teacher.cross_tokenizer import RecordAlignment
+    from dist_distill.teacher.tails import column_of
+
+    teacher_tokenizer = load_tokenizer(recipe.teacher, "teacher")
+    teacher_data = load_tokenized(recipe.data.train, teacher_tokenizer, recipe.data, recipe.data.max_samples)
+    cache.check_matches(expected_cache_fields(recipe, teacher_tokenizer, teacher_data))
+    column_of(cache.tail_temperatures, recipe.loss.temperature, f"teacher cache {cache.dir}")
+    return CacheTeacher(cache, recipe.teacher_source.top_k, device, RecordAlignment(student_data, teacher_data))
+

@@ -14,7 +14,6 @@ checkpoints/step-N/ (DeepSpeed + ours), model/ (HF safetensors), partition-rank<
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
@@ -83,7 +82,7 @@ class Trainer:
         self.inputs = InputPipeline(self._step_inputs, r.data.prefetch and (self.teacher is None
                                                                          or isinstance(self.teacher, CacheTeacher)))
         # the worker's own cache reader (its shard handles are not shared with evaluation in this thread)
-        self._input_teacher = CacheTeacher(copy.copy(self.teacher.cache), self.teacher.top_k, self.device) \
+        self._input_teacher = self.teacher.for_thread() \
             if self.inputs.background and self.teacher is not None else None
         self.skips = SkipGuard(self.engine, r.optim.max_consecutive_skips, self.rank)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -330,15 +330,49 @@ def verify_cache(cache_dir: str | Path) -> int:
 
 
 class CacheTeacher:
-    """Reads a teacher top-k cache by sample index."""
+    """Reads a teacher top-k cache by sample index.
 
-    def __init__(self, cache, top_k: int, device: torch.device):
-        self.cache, self.top_k, self.device = cache, top_k, device
+    With `align` (a teacher.cross_tokenizer.RecordAlignment; loss.cross_tokenizer) the cache holds the
+    teacher's rows over ITS tokenization of the same records: each student sample is mapped to the teacher
+    sample of its record, and the signal carries the teacher rows paired with the student's response tokens
+    (``TeacherSignal.aligned_rows``)."""
+
+    def __init__(self, cache, top_k: int, device: torch.device, align=None):
+        self.cache, self.top_k, self.device, self.align = cache, top_k, device, align
+
+    def for_thread(self) -> "CacheTeacher":
+        """The same source over its own shard handles (a reader for the background input pipeline)."""
+        import copy
+
+        return CacheTeacher(copy.copy(self.cache), self.top_k, self.device, self.align)
 
     def signal(self, indices: torch.Tensor, batch: dict) -> TeacherSignal:
+        if self.align is not None:
+            return self._aligned_signal(indices, batch)
         ids, logits, lse, tails = self.cache.fetch(indices, self.top_k)
         mask = batch["targets"].cpu() != IGNORE_INDEX
         return TeacherSignal(topk=(ids[mask].to(self.device), logits[mask].to(self.device), lse[mask].to(self.device)),
                              log_tails=tails[mask].to(self.device), tail_temperatures=self.cache.tail_temperatures,
                              source=f"teacher cache {self.cache.dir}")
 
+    def _aligned_signal(self, indices: torch.Tensor, batch: dict) -> TeacherSignal:
+        from dist_distill.teacher.cross_tokenizer import align_rows
+
+        t_idx, found = self.align.teacher_samples(indices)
+        s_counts = (batch["targets"].cpu() != IGNORE_INDEX).sum(1)
+        t_counts = torch.zeros_like(s_counts)
+        nt = len(self.cache.tail_temperatures)
+        if found.any():
+            ids, logits, lse, tails = self.cache.fetch(t_idx[found], self.top_k)
+            t_mask = self.cache.row_mask(t_idx[found])
+            t_counts[torch.from_numpy(found)] = t_mask.sum(1)
+            ids, logits, lse, tails = ids[t_mask], logits[t_mask], lse[t_mask], tails[t_mask]
+        else:
+            ids, logits = torch.zeros(0, self.top_k, dtype=torch.int64), torch.zeros(0, self.top_k)
+            lse, tails = torch.zeros(0), torch.zeros(0, nt)
+        s_rows, t_rows = align_rows(s_counts, t_counts)
+        dev = self.device
+        return TeacherSignal(topk=(ids[t_rows].to(dev), logits[t_rows].to(dev), lse[t_rows].to(dev)),
+                             log_tails=tails[t_rows].to(dev), tail_temperatures=self.cache.tail_temperatures,
+                             aligned_rows=s_rows.to(dev),
+                             source=f"teacher cache {self.cache.dir} (the teacher's tokenization)")
