@@ -5,6 +5,7 @@
                                                      # one teacher tensor-parallel over 8 GPUs
     dd-cache info CACHE_DIR
     dd-cache verify CACHE_DIR
+    dd-cache grade RECIPE [--set grading.grades=FILE]  # difficulty grades without a cache (a build writes them too)
 """
 
 from __future__ import annotations
@@ -43,11 +44,20 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _cmd_grade(args) -> int:
+    from dist_distill.recipe import load_recipe
+    from dist_distill.teacher.grading import grade_data
+    from dist_distill.training.distributed import init_from_env, mixed_backend
+
+    recipe = load_recipe(args.recipe, args.set)
+    rank, world = init_from_env(backend=mixed_backend())
+    grade_data(recipe, rank, world, quantize=args.quantize, progress=rank == 0 and not args.quiet)
+    return 0
+
 
 def _cmd_info(args) -> int:
     print(info_text(args.cache_dir))
     return 0
-
 
 
 def _cmd_verify(args) -> int:
@@ -85,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     build.set_defaults(func=_cmd_build)
+    grade = sub.add_parser("grade", help="score every training sample by the teacher's confidence (mean probability "
+                                         "of its target tokens) and write the grades file (grading.grades)")
+    grade.add_argument("recipe", help="YAML recipe (teacher, data, grading; teacher_source.tp_size/batch_size)")
+    grade.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    grade.add_argument("--quantize", choices=("none", "8bit", "4bit"), default="none",
+                       help="load the teacher with bitsandbytes 8-bit or 4-bit weights (default none)")
+    grade.add_argument("--quiet", action="store_true", help="no progress bar")
+    grade.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    grade.set_defaults(func=_cmd_grade)
     info = sub.add_parser("info", help="print k, tokens, bytes per token and compression of a cache")
     info.add_argument("cache_dir", help="cache directory")
     info.set_defaults(func=_cmd_info)

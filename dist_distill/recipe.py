@@ -340,6 +340,22 @@ class OutputSpec:
 
 
 @dataclass
+class GradingSpec:
+    """Difficulty grading (seed 2): buckets by the teacher's confidence on each sample (data/grading.py)."""
+
+    edges: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    """[lo, hi]: hard (confidence < lo), medium (lo..hi), easy (> hi); confidence = mean teacher probability
+    of a sample's target tokens."""
+    grades: Optional[str] = None
+    """The grades file (grades.npz): written by `dd-cache grade`, read by dd-train when buckets are used.
+    None: <teacher_source.cache_dir>/grades.npz (every cache build writes it)."""
+    weights: Optional[dict[str, float]] = None
+    """A mix for the whole run: {easy: w, medium: w, hard: w} (a bucket left out weighs 0); each optimizer
+    step draws its samples from the buckets in these proportions (data/sampler.py BucketSampler). With
+    `stages`, give each stage its own `buckets` instead (a curriculum: easy, then medium, then hard)."""
+
+
+@dataclass
 class GenerateSpec:
     """Sequence-level KD: the teacher writes responses for a prompt set (`dd-generate`, dist_distill/generation/)."""
 
@@ -405,6 +421,8 @@ class Recipe:
     """Seed for python, numpy and torch on every rank."""
     generate: GenerateSpec = field(default_factory=GenerateSpec)
     """Teacher-generated responses for sequence-level KD (`dd-generate`)."""
+    grading: GradingSpec = field(default_factory=GradingSpec)
+    """Difficulty grading by teacher confidence, and training by bucket (curriculum or mix)."""
 
     def validate(self) -> "Recipe":
         """Refuse contradictory settings; returns self. Raises RecipeError naming the keys."""
@@ -480,6 +498,7 @@ class Recipe:
         _check(self.output.keep_last >= 0, f"output.keep_last={self.output.keep_last}: must be >= 0")
         self._check_eval()
         self._check_generate()
+        self._check_grading()
         _check(self.output.export or not self.output.export_8bit,
                "output.export_8bit=true needs output.export=true (the 8-bit copy is made from the exported model)")
         _check(op.max_consecutive_skips >= 1, f"optim.max_consecutive_skips={op.max_consecutive_skips}: must be >= 1")
@@ -565,6 +584,21 @@ class Recipe:
             _check(getattr(g, key) >= 1, f"generate.{key}={getattr(g, key)}: must be >= 1")
         _check(g.max_prompt_tokens is None or g.max_prompt_tokens >= 1,
                f"generate.max_prompt_tokens={g.max_prompt_tokens}: must be >= 1 or null (no limit)")
+
+    def _check_grading(self) -> None:
+        """grading.edges, grading.weights and the stages' buckets name real buckets with usable weights."""
+        from dist_distill.data.grading import check_edges
+        from dist_distill.objective.schedules import check_bucket_weights
+
+        check_edges(self.grading.edges)
+        if self.grading.weights is not None:
+            _check(not self.stages, "grading.weights is a mix for a run without stages; with stages give each stage "
+                                    "its own buckets (stages[i].buckets) instead")
+            check_bucket_weights(self.grading.weights, "grading.weights")
+
+    def uses_buckets(self) -> bool:
+        """Whether training draws samples by difficulty bucket (grading.weights, or a stage's buckets)."""
+        return self.grading.weights is not None or any(st.buckets is not None for st in self.stages)
 
     def uses_term(self, term: str) -> bool:
         """Whether loss term `term` ("output", "hidden", "attention") has a weight > 0 at any step."""

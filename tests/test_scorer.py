@@ -41,6 +41,14 @@ def test_scorer_equals_dense_logits(tiny_world, chunk_bytes):
     assert_verbose_allclose(lse, ref_lse[mask], 1e-5, 1e-5, what="logsumexp")
     assert tails.shape == (int(mask.sum()), 3) and tails.dtype == torch.float32
     assert_verbose_allclose(tails.double(), ref_tails[mask], 1e-5, 1e-5, what="log tail masses")
+    *same, target_lp = scorer.score_with_targets(data.input_ids[:], data.attention_mask[:], data.targets[:])
+    assert all(torch.equal(x, y) for x, y in zip(same, (ids, logits, lse, tails)))
+    dense = model(input_ids=data.input_ids[:], attention_mask=data.attention_mask[:]).logits[..., :len(tok)].double()
+    want = torch.log_softmax(dense, -1).gather(-1, data.targets[:].clamp(min=0)[..., None])[..., 0][mask]
+    assert target_lp.dtype == torch.float64
+    assert_verbose_allclose(target_lp, want, 1e-5, 1e-5, what="log p(target)")
+    assert_verbose_allclose(scorer.target_logprobs(data.input_ids[:], data.attention_mask[:], data.targets[:]), target_lp,
+                            1e-6, 1e-6, what="target_logprobs")
 
 
 def test_scorer_batch_without_targets(tiny_world):
@@ -82,7 +90,8 @@ def test_tp_cache_build_equals_one_process_byte_for_byte(tiny_world, tmp_path):
     assert len([n for n in a if n.endswith(".ddc")]) == 3 and a.keys() == b.keys()
     for name in a:
         if name != "manifest.json":
-            assert a[name] == b[name], name
+            assert a[name] == b[name], name  # the sidecars hold the samples' teacher confidence (grading) too
+    assert (one / "cache/grades.npz").read_bytes() == (two / "cache/grades.npz").read_bytes()
     # read back: the cache holds the scorer's rows of the whole teacher (ids exact, logits and lse 1e-5)
     recipe = load_recipe("configs/tiny/distill.yaml", [s for s in _cache_recipe(tiny_world, one) if s != "--set"])
     model, tok, _ = _teacher(tiny_world, "float64")

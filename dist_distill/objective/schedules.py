@@ -140,6 +140,9 @@ class Stage:
     """Optimizer steps in this stage (>= 1)."""
     terms: dict[str, float] = field(default_factory=lambda: {"output": 1.0})
     """Constant weight of each loss term in this stage; a term left out weighs 0."""
+    buckets: dict[str, float] | None = None
+    """Difficulty buckets this stage draws from and their weights, e.g. {easy: 1.0} or {easy: 0.3, medium: 0.7}
+    (data/grading.py; a bucket left out weighs 0). None: every sample, whatever its grade."""
 
     def weights(self) -> dict[str, float]:
         """All of :data:`TERMS` with their weight in this stage (0 for terms left out)."""
@@ -173,11 +176,30 @@ def check_stages(stages: Sequence[Stage], max_steps: int, key: str = "stages",
         if not any(float(w) > 0 for w in st.terms.values()):
             raise UserError(f"{where}.terms: every weight is 0, so the stage would train nothing; "
                             "give one term a weight > 0")
+        if st.buckets is not None:
+            check_bucket_weights(st.buckets, f"{where}.buckets")
     total = sum(st.steps for st in stages)
     if total != max_steps:
         raise UserError(f"the steps of {key} sum to {total} but {max_steps_key}={max_steps}: "
                         f"make them equal (change a stage's steps or set {max_steps_key}={total})")
     return list(stages)
+
+
+BUCKET_NAMES = ("hard", "medium", "easy")
+"""Difficulty buckets (data/grading.py BUCKETS)."""
+
+
+def check_bucket_weights(weights: dict, key: str) -> dict:
+    """Bucket name -> weight: names among BUCKET_NAMES, finite weights >= 0, at least one > 0."""
+    unknown = [b for b in weights if b not in BUCKET_NAMES]
+    if unknown:
+        raise UserError(f"{key}: unknown bucket {unknown[0]!r}; allowed: easy, medium, hard")
+    for b, w in weights.items():
+        if not math.isfinite(float(w)) or float(w) < 0:
+            raise UserError(f"{key}.{b}={w}: must be a finite number >= 0")
+    if not any(float(w) > 0 for w in weights.values()):
+        raise UserError(f"{key}: every weight is 0, so no sample could be drawn; give one bucket a weight > 0")
+    return weights
 
 
 def stage_at(step: int, stages: Sequence[Stage]) -> tuple[int, Stage, int]:

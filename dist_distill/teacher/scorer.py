@@ -83,6 +83,37 @@ def vocab_parallel_topk(local_logits: torch.Tensor, offset: int, vocab_size: int
     return local_ids, values, lse, log_tail_mass(values, tail, temperatures)
 
 
+def vocab_parallel_target_logprob(local_logits: torch.Tensor, offset: int, vocab_size: int, target_ids: torch.Tensor,
+                                  group, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(target) of each row over the real vocabulary [0, vocab_size), from vocabulary slices.
+
+    local_logits [n, V_local] hold columns [offset, offset + V_local); target_ids int64 [n] (any id in
+    [0, vocab_size)). The rank whose slice holds a row's target reads its logit, the others put -inf, and an
+    all_reduce(MAX) of that [n] vector gives every rank the value (no [n, V] gather). `lse` [n]: the row's
+    full-vocabulary logsumexp when the caller has it (vocab_parallel_topk's); None: computed here the same
+    way (local logsumexp, all_gather of [n], logsumexp). Returns [n] at the compute precision (float32, or
+    float64 for a float64 teacher), on the logits' device, the same on every rank of `group`.
+    """
+    real = max(0, min(local_logits.shape[1], vocab_size - offset))
+    logits = local_logits[:, :real].to(torch.promote_types(local_logits.dtype, torch.float32))
+    local = target_ids.to(logits.device) - offset
+    mine = (local >= 0) & (local < real)
+    value = logits.new_full((logits.shape[0],), float("-inf"))
+    if real:
+        picked = logits.gather(1, local.clamp(0, real - 1)[:, None])[:, 0]
+        value = torch.where(mine, picked, value)
+    world = dist.get_world_size(group) if group is not None else 1
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1) if real else value.clone()
+        if world > 1:
+            parts = [torch.empty_like(lse) for _ in range(world)]
+            dist.all_gather(parts, lse.contiguous(), group=group)
+            lse = torch.logsumexp(torch.stack(parts), dim=0)
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return value - lse.to(value.dtype)
+
+
 class TeacherScorer:
     """Runs a frozen teacher over token batches; per target token: top-k ids, raw logits, logsumexp.
 
@@ -121,13 +152,37 @@ class TeacherScorer:
         float32 [n, len(self.temperatures)] (teacher.tails) -- n target tokens -- on the teacher's
         device. ``logits - lse`` are full-vocabulary log-probabilities.
         """
+        return self._score(input_ids, attention_mask, targets, topk=True, target=False)
+
+    @torch.no_grad()
+    def score_with_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor):
+        """`score`'s four tensors and a fifth, float64 [n]: log p_teacher(target token) at each row (what
+        difficulty grading averages, data/grading.py). Costs one gather and one [n] all_reduce per chunk."""
+        return self._score(input_ids, attention_mask, targets, topk=True, target=True)
+
+    @torch.no_grad()
+    def target_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor):
+        """Only log p_teacher(target token), float64 [n] per target row (no top-k, no tails): `dd-cache grade`."""
+        return self._score(input_ids, attention_mask, targets, topk=False, target=True)[0]
+
+    def _score(self, input_ids, attention_mask, targets, topk: bool, target: bool):
         device = self.device
         hidden = self.model.get_decoder()(input_ids=input_ids.to(device),
                                           attention_mask=attention_mask.to(device)).last_hidden_state
-        hidden = hidden[targets.to(device) != IGNORE_INDEX]
+        keep = targets.to(device) != IGNORE_INDEX
+        hidden, target_ids = hidden[keep], targets.to(device)[keep]
         rows = self.chunk_rows()
-        parts = [vocab_parallel_topk(self.head(hidden[i:i + rows]), self.vocab_offset, self.vocab_size, self.k,
-                                     self.tp_group, self.temperatures)
-                 for i in range(0, max(hidden.shape[0], 1), rows)]
-        ids, logits, lse, log_tails = (torch.cat([p[j] for p in parts]) for j in range(4))
-        return ids, logits.float(), lse.float(), log_tails.float()
+        parts = []
+        for i in range(0, max(hidden.shape[0], 1), rows):
+            local = self.head(hidden[i:i + rows])
+            part = vocab_parallel_topk(local, self.vocab_offset, self.vocab_size, self.k, self.tp_group,
+                                       self.temperatures) if topk else ()
+            if target:
+                lp = vocab_parallel_target_logprob(local, self.vocab_offset, self.vocab_size, target_ids[i:i + rows],
+                                                   self.tp_group, part[2] if topk else None)
+                part = (*part, lp.double())
+            parts.append(part)
+        out = [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+        if topk:
+            out[1], out[2], out[3] = out[1].float(), out[2].float(), out[3].float()
+        return tuple(out)

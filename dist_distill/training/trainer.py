@@ -54,7 +54,7 @@ class Trainer:
         import deepspeed
 
         from dist_distill.data.records import load_tokenized
-        from dist_distill.data.sampler import StepSampler
+        from dist_distill.data.sampler import StepSampler, bucket_sampler
         from dist_distill.models.loading import load_tokenizer
         from dist_distill.teacher.sources import build_teacher_source
         from dist_distill.training.distributed import default_backend, local_device
@@ -70,10 +70,12 @@ class Trainer:
         seed_everything(r.seed + self.rank)
         self.tokenizer = load_tokenizer(r.student, "student")
         self.data = load_tokenized(r.data.train, self.tokenizer, r.data, r.data.max_samples)
+        self.sampler = bucket_sampler(r, self.data, self.world, self.rank) if r.uses_buckets() else \
+            StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world, self.rank, r.seed,
+                        r.stages)  # by difficulty bucket (grading.weights, stages[i].buckets: grades checked here,
+        # before the engine is built) or uniformly
         self.teacher = build_teacher_source(r, self.tokenizer, self.data, self.device, lambda: self.step)
         self.engine = self._build_engine()
-        self.sampler = StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world,
-                                   self.rank, r.seed, r.stages)
         self.replay = self._replay_schedule() if r.data.replay is not None else None
         from dist_distill.data.pipeline import InputPipeline
         from dist_distill.teacher.cache.reader import CacheTeacher

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_distill.data.grading import sample_confidence
 from dist_distill.errors import UserError
 from dist_distill.training.checkpoint import write_atomic
 from dist_distill.teacher.cache import codec
@@ -282,16 +283,18 @@ def load_cache_teacher(recipe, layout: BuildLayout, quantize: str, device: torch
 
 
 def score_rows(scorer, data, batches: list[tuple[int, int]], bar=None, bar_scale: int = 1) -> tuple[torch.Tensor, int]:
-    """The scorer's rows for the samples of `batches`, in order, as one CPU float32 [R, 2k + 1 + nT]
-    (signal.pack_rows: raw logits | ids as int32 bits | lse | log tail masses), and the tokens scored."""
+    """The scorer's rows for the samples of `batches`, in order, as one CPU float32 [R, 2k + 1 + nT + 1]
+    (signal.pack_rows: raw logits | ids as int32 bits | lse | log tail masses; then log p(target), what
+    difficulty grading averages per sample, data/grading.py), and the tokens scored."""
     parts, tokens = [], 0
     for i, j in batches:
-        parts.append(pack_rows(*scorer.score(data.input_ids[i:j], data.attention_mask[i:j], data.targets[i:j])).cpu())
+        *signal, target_lp = scorer.score_with_targets(data.input_ids[i:j], data.attention_mask[i:j], data.targets[i:j])
+        parts.append(torch.cat([pack_rows(*signal), target_lp.float()[:, None]], 1).cpu())
         n = int(data.attention_mask[i:j].sum())
         tokens += n
         if bar is not None:
             bar.update(n * bar_scale)
-    return (torch.cat(parts) if parts else torch.zeros(0, 2 * scorer.k + 1 + len(scorer.temperatures))), tokens
+    return (torch.cat(parts) if parts else torch.zeros(0, 2 * scorer.k + 2 + len(scorer.temperatures))), tokens
 
 
 def _plan(cache_dir: Path, layout: BuildLayout, num_total: int, stack: contextlib.ExitStack, build_sha: str) -> list[int]:
@@ -397,6 +400,8 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
                                       "in both directions: max(KL(p || p~), KL(p~ || p)) <= max_kl (p exact, p~ stored)"
                                       if mode == "kl" else "raw logits fp32 (bf16 when exact)"),
                            "rows": "positions with targets != -100"})
+    # not part of the build's identity: where the grades file finds the store's record ids, its bucket edges
+    manifest.update(grading_edges=list(recipe.grading.edges), data_store=str(data.store.path) if data.store else None)
     num_total = (len(data) + samples_per_shard - 1) // samples_per_shard
     manifest["build_sha256"] = _bind_on_rank0(cache_dir, manifest, start_over, layout)
     build = (build_identity(manifest)[0], manifest["build_sha256"])  # recorded in every sidecar
@@ -421,10 +426,13 @@ def build_cache(recipe, *, shard_index: int = 0, num_shards: int = 1, samples_pe
                 pending.append((torch.distributed.isend(piece, writer, group=_cpu_group(), tag=s), piece))
                 continue
             pieces = _gather_pieces(piece, data, layout, s, start, stop, ts.batch_size, piece.shape[1])
-            ids, vals, lse, log_tails = unpack_rows_numpy(torch.cat(pieces).numpy(), k)
+            rows_all = torch.cat(pieces).numpy()
+            ids, vals, lse, log_tails = unpack_rows_numpy(rows_all[:, :-1], k)
             mask = (data.targets[start:stop] != IGNORE_INDEX).numpy()
             parts, _, stats = encode_shard(ids, vals, lse, log_tails, mask, vocab_size, mode, max_kl, start, stop,
                                            manifest["tail_temperatures"])
+            # difficulty grading for free: the samples' teacher confidence, kept in the sidecar (float32 log p)
+            stats["confidence"] = sample_confidence(rows_all[:, -1], mask.sum(1)).tolist()
             for stale in cache_dir.glob(f".{shard_name(s)}.*.tmp*"):  # a killed writer's leftovers, never read
                 stale.unlink(missing_ok=True)
             write_shard(cache_dir, s, start, stop, parts, stats, build)
@@ -478,6 +486,8 @@ def finalize_cache(cache_dir: str | Path, manifest: dict) -> bool:
         "mean_topk_kl": sum(x["mean_kl"] * x["rows"] for x in sides) / max(rows, 1),
         "max_abs_logp_err": max((x["max_abs_logp_err"] for x in sides), default=0.0),
         "mean_max_abs_logp_err": sum(x["mean_max_abs_logp_err"] * x["rows"] for x in sides) / max(rows, 1)}
+    if all("confidence" in x for x in sides):  # shards of an older build have none: no grades then
+        write_cache_grades(cache_dir, sides, manifest)
     try:
         write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     except OSError as err:
@@ -485,3 +495,24 @@ def finalize_cache(cache_dir: str | Path, manifest: dict) -> bool:
                         "intact; free disk space and re-run dd-cache build, which then only writes the manifest") from None
     return True
 
+
+
+GRADES = "grades.npz"
+
+
+def write_cache_grades(cache_dir: Path, sides: list[dict], manifest: dict) -> None:
+    """<cache_dir>/grades.npz from the shards' sidecars (written before the manifest, so a complete cache
+    built by this code has its grades). Buckets under the build's grading.edges (manifest["grading_edges"])."""
+    import numpy as np
+
+    from dist_distill.data.grading import DEFAULT_EDGES, write_grades
+
+    confidence = np.concatenate([np.asarray(x["confidence"], np.float64) for x in sides])
+    records = None
+    store = manifest.get("data_store")
+    if store and (Path(store) / "records.npy").is_file():
+        records = np.load(Path(store) / "records.npy")
+    meta = {"token_ids_sha256": manifest["dataset"]["token_ids_sha256"],
+            "targets_sha256": manifest["dataset"]["targets_sha256"], "source": manifest["dataset"]["source"],
+            "teacher": manifest.get("teacher"), "made_by": "dd-cache build"}
+    write_grades(cache_dir / GRADES, confidence, records, manifest.get("grading_edges", DEFAULT_EDGES), meta)
