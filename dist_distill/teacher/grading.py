@@ -37,7 +37,7 @@ def grade_data(recipe, rank: int = 0, world: int = 1, quantize: str = "none", pr
     out = grades_path(recipe)
     layout = BuildLayout(rank, world, ts.tp_size, 0, 1)
     tokenizer = load_tokenizer(recipe.teacher, "teacher")
-    same_tokenizer_or_refuse(recipe, load_tokenizer(recipe.student, "student"))
+    same_tokenizer_or_refuse(recipe, load_tokenizer(recipe.student, "student"), tokenizer)
     data = load_tokenized(recipe.data.train, tokenizer, recipe.data, recipe.data.max_samples)
     scorer = load_cache_teacher(recipe, layout, quantize, local_device(), len(tokenizer))
     mine = []
