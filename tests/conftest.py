@@ -18,9 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 # `kernels` package (transformers probes for it); launch/test.sh also sets PYTHONSAFEPATH=1
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
-# Token stores (data/store.py) of this test session in one temporary folder, inherited by subprocesses,
-# instead of ~/.cache/dist_distill/token_store.
-os.environ.setdefault("DD_DATA_STORE", tempfile.mkdtemp(prefix="dd-test-store-"))
+# Token stores (data/store.py) of this pytest process in one temporary folder, inherited by its subprocesses,
+# instead of ~/.cache/dist_distill/token_store. Each pytest-xdist worker makes its own (the controller's
+# folder reaches the workers through the environment and is replaced there); a DD_DATA_STORE set by the
+# user before pytest is kept.
+if "DD_DATA_STORE" not in os.environ or os.environ.get("DD_TEST_STORE_FROM_CONFTEST") == "1":
+    os.environ["DD_DATA_STORE"] = tempfile.mkdtemp(prefix="dd-test-store-")
+    os.environ["DD_TEST_STORE_FROM_CONFTEST"] = "1"
 
 # Small tensors on 2 shared cores: one intra-op thread is much faster and avoids oversubscription.
 torch.set_num_threads(1)

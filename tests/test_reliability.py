@@ -56,16 +56,18 @@ def test_kill_every_process_then_resume_is_bit_exact(tiny_world, tmp_path, strai
 
 @pytest.mark.faults(1)
 def test_killed_while_writing_a_checkpoint(tiny_world, tmp_path, straight):
+    # both runs in the device test mode (training/device_check.py): the disk-space check and the save and
+    # resume agreements hand no host tensor to a group that is NCCL on CUDA (issue 12, items 1 and 2)
     proc = train(tiny_world, tmp_path, "--set", "optim.max_steps=8", "--set", "output.save_every=3",
-                 check=False, DD_FAULT_KILL_IN_SAVE="6")
+                 check=False, DD_FAULT_KILL_IN_SAVE="6", DD_CHECK_DEVICES="1")
     assert proc.returncode != 0
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "step-3/COMMITTED").is_file()
     assert (ckpt / "step-6").is_dir() and not (ckpt / "step-6/COMMITTED").exists()  # all files, no marker
     assert (ckpt / "latest").read_text().strip() == "step-6"  # DeepSpeed's own pointer is not proof
     proc = train(tiny_world, tmp_path, "--set", "optim.max_steps=8", "--set", "output.save_every=3", "--resume",
-                 "--set", "output.keep_last=2")
-    assert "resumed from step 3" in proc.stdout
+                 "--set", "output.keep_last=2", DD_CHECK_DEVICES="1")
+    assert "resumed from step 3" in proc.stdout and "device test mode (DD_CHECK_DEVICES=1)" in proc.stderr
     assert "collective timeout: deepspeed.timeout_s=" in proc.stdout and "s from step 4 on" in proc.stdout  # resumed too
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-6", "step-8"]  # re-written; keep_last=2
     assert (ckpt / "step-6/COMMITTED").is_file()

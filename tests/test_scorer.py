@@ -84,8 +84,10 @@ def test_tp_cache_build_equals_one_process_byte_for_byte(tiny_world, tmp_path):
              "--mode", "lossless", "--samples-per-shard", "100", timeout=600)
     proc = torchrun(2, "dist_distill.cache", "build", "configs/tiny/distill.yaml",
                     *_cache_recipe(tiny_world, two, ["--set", "teacher_source.tp_size=2"]),
-                    "--mode", "lossless", "--samples-per-shard", "100", timeout=600)
+                    "--mode", "lossless", "--samples-per-shard", "100", timeout=900,
+                    DD_CHECK_DEVICES="1")  # the device test mode (training/device_check.py) on a TP build
     assert "teacher cache complete" in proc.stdout and "tp 2" in proc.stdout, proc.stdout[-3000:]
+    assert "device test mode (DD_CHECK_DEVICES=1)" in proc.stderr
     a, b = _files(one / "cache"), _files(two / "cache")
     assert len([n for n in a if n.endswith(".ddc")]) == 3 and a.keys() == b.keys()
     for name in a:

@@ -231,6 +231,8 @@ def install() -> None:
     dist.init_process_group = _init_process_group(dist.init_process_group)
     dist.distributed_c10d.init_process_group = dist.init_process_group
     dist.new_group = _new_group(dist.new_group)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"device test mode ({ENV}=1): host tensors refused on groups that are NCCL on CUDA", file=sys.stderr)
 
 
 def install_if_enabled() -> None:
