@@ -523,6 +523,10 @@ class Recipe:
         _check(not self.uses_term("hidden") and not self.uses_term("attention"),
                f"loss.cross_tokenizer={lo.cross_tokenizer}: the hidden and attention terms align the two models "
                "position by position, which different tokenizations do not allow; set their weights to 0")
+        teacher_metrics = [m for m in self.output.eval_metrics if m in ("kl_teacher", "top1_agreement")]
+        _check(self.output.eval_every == 0 or not teacher_metrics,
+               f"loss.cross_tokenizer={lo.cross_tokenizer} with output.eval_metrics {teacher_metrics}: KL to the "
+               "teacher and top-1 agreement compare the same token ids; keep output.eval_metrics=[heldout_loss]")
 
     def _check_replay(self) -> None:
         rp = self.data.replay

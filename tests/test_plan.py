@@ -104,10 +104,19 @@ def test_seed_dry_runs(llama70b, qwen15b, r1distill):
     teacher = load_architecture("deepseek-ai/DeepSeek-R1", "teacher", SEED1)
     run1, plan1 = dry_run(load_recipe(SEED1), llama70b, teacher, Cluster(8, 8, 80 * GB), "seed1")
     assert plan1.fits()
-    failed = [(what, detail) for status, what, detail in run1.checks if status == "FAIL"]
-    # R1 and Llama 3 have different vocabularies: the one thing that stops seed 1 before a GPU hour
-    assert [w for w, _ in failed] == ["teacher vs student"], run1.format()
-    assert "129280 (teacher) != 128256 (student)" in failed[0][1] and "sequence-level KD" in failed[0][1]
+    # R1 and Llama 3 have different vocabularies: the recipe crosses them with sequence-level KD data + ULD
+    assert run1.passed(), run1.format()
+    vocab = {what: (status, detail) for status, what, detail in run1.checks}["teacher vs student"]
+    assert vocab[0] == "PASS" and vocab[1].startswith("tokenizers differ (vocab_size 129280 (teacher) != 128256 "
+                                                      "(student)); the recipe uses sequence-level KD data")
+    assert "loss.cross_tokenizer=uld (ULD weight 1.5" in vocab[1]
+    terms = {t.name: t.bytes for t in plan1.roles[0].terms}
+    assert terms["fused loss: ULD + CE chunk buffers (torch)"] == 104 * 4 * 128256 * 5  # 104 rows x 5 x [V] fp32
+    # the same pair with token-level KD fails, naming the two ways forward
+    bad, _ = dry_run(load_recipe(SEED1, ["loss.cross_tokenizer=none"]), llama70b, teacher, Cluster(8, 8, 80 * GB))
+    failed = [(what, detail) for status, what, detail in bad.checks if status == "FAIL"]
+    assert [w for w, _ in failed] == ["teacher vs student"], bad.format()
+    assert "129280 (teacher) != 128256 (student)" in failed[0][1] and "Two ways forward" in failed[0][1]
 
 
 def test_group_layout_in_the_dry_run(qwen15b, r1distill):

@@ -110,7 +110,7 @@ def _check_lengths(run: DryRun, recipe, student: Architecture, teacher: Architec
                     f"data.max_seq_len={seq} {'<=' if seq <= limit else '>'} max_position_embeddings={limit}")
 
 
-def _check_loss(run: DryRun, recipe, student: Architecture) -> None:
+def _check_loss(run: DryRun, recipe, student: Architecture, teacher: Architecture | None = None) -> None:
     from dist_distill.kernels.fused_linear_distill import chunk_rows
 
     lo = recipe.loss
@@ -119,13 +119,21 @@ def _check_loss(run: DryRun, recipe, student: Architecture) -> None:
     if not lo.fused:
         run.add("NOTE", "loss", f"loss.fused=false: [{tokens}, {student.vocab}] float32 logits are materialised")
         return
-    rows = chunk_rows(int(lo.chunk_mib * 2**20), student.vocab, backend, dense_teacher=False)
+    if lo.cross_tokenizer == "uld":
+        from dist_distill.losses.fused_uld import uld_chunk_rows
+
+        rows, backend = uld_chunk_rows(int(lo.chunk_mib * 2**20), student.vocab), "ULD + CE, torch"
+    else:
+        rows = chunk_rows(int(lo.chunk_mib * 2**20), student.vocab, backend, dense_teacher=False)
     run.add("PASS" if rows >= 1 else "FAIL", "fused loss chunks",
             f"{rows} rows per chunk at loss.chunk_mib={lo.chunk_mib:g} over vocab {student.vocab} ({backend} on "
             f"CUDA); {math.ceil(tokens / rows)} chunks per micro-batch of {tokens} tokens")
     k = recipe.teacher_source.top_k
     if recipe.teacher_source.kind in ("cache", "group"):
-        run.add("PASS" if k <= student.vocab else "FAIL", "top-k", f"teacher_source.top_k={k} of vocab {student.vocab}")
+        theirs = lo.cross_tokenizer != "none" and teacher is not None  # the cache holds the teacher's vocabulary
+        vocab = teacher.vocab if theirs else student.vocab
+        run.add("PASS" if k <= vocab else "FAIL", "top-k", f"teacher_source.top_k={k} of vocab {vocab}"
+                + (" (the teacher's)" if theirs else ""))
 
 
 def _check_intermediate(run: DryRun, recipe, student: Architecture, teacher: Architecture | None) -> None:
@@ -194,7 +202,7 @@ def _check_cache(run: DryRun, recipe, student: Architecture) -> None:
         problems.append(f"k={m.get('k')} < teacher_source.top_k={ts.top_k}")
     if m.get("seq_len") != recipe.data.max_seq_len:
         problems.append(f"seq_len={m.get('seq_len')} != data.max_seq_len={recipe.data.max_seq_len}")
-    if m.get("vocab_size") is not None and m["vocab_size"] > student.vocab:
+    if m.get("vocab_size") is not None and m["vocab_size"] > student.vocab and recipe.loss.cross_tokenizer == "none":
         problems.append(f"vocab_size={m['vocab_size']} > student vocab_size {student.vocab}")
     run.add("FAIL" if problems else "PASS", "cache alignment",
             "; ".join(problems) if problems else f"k={m.get('k')}, seq_len={m.get('seq_len')}, vocab {m.get('vocab_size')}, "
@@ -225,7 +233,7 @@ def dry_run(recipe, student: Architecture, teacher: Architecture | None, cluster
         run.add("FAIL", "teacher", f"teacher_source.kind={recipe.teacher_source.kind} but no teacher architecture")
     _check_vocab(run, recipe, student, teacher)
     _check_lengths(run, recipe, student, teacher)
-    _check_loss(run, recipe, student)
+    _check_loss(run, recipe, student, teacher)
     _check_intermediate(run, recipe, student, teacher)
     _check_group(run, recipe, teacher, cluster)
     _check_cache(run, recipe, student)

@@ -265,8 +265,18 @@ def plan_recipe(recipe, student: Architecture, teacher: Architecture | None, clu
         if elem != 4:  # in float32 the accumulator is the saved gradient
             s.add("fused loss: lm_head gradient saved for backward", elem * vocab * hid, "gpu",
                   f"{elem} B x [{vocab}, {hid}] (the backward's whole gradient above)", FORWARD)
-        s.add(f"fused loss: chunk buffers ({backend})", chunk, "gpu",
-              f"loss.chunk_mib={recipe.loss.chunk_mib:g}, {min(rows, targets):,} rows", FORWARD)
+        if recipe.loss.cross_tokenizer == "uld":  # losses/fused_uld.py: PyTorch chunks of ULD_BUFFERS rows of V
+            from dist_distill.losses.fused_uld import ULD_BUFFERS, uld_chunk_rows
+
+            rows = uld_chunk_rows(budget, vocab)
+            s.add("fused loss: ULD + CE chunk buffers (torch)", min(rows, targets) * 4 * vocab * ULD_BUFFERS, "gpu",
+                  f"loss.chunk_mib={recipe.loss.chunk_mib:g}, {min(rows, targets):,} rows x {ULD_BUFFERS} x [V] fp32",
+                  FORWARD)
+            s.add("ULD: aligned teacher rows, sorted probabilities", targets * (ts.top_k + 1) * 4, "gpu",
+                  f"[{targets:,}, k+1] fp32 (top-k sorted + tail)", FORWARD)
+        else:
+            s.add(f"fused loss: chunk buffers ({backend})", chunk, "gpu",
+                  f"loss.chunk_mib={recipe.loss.chunk_mib:g}, {min(rows, targets):,} rows", FORWARD)
         s.add("fused loss: target hidden states and their gradient", 2 * elem * targets * hid, "gpu",
               f"2 x [{targets:,}, {hid}]")
     else:
