@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from dist_distill.errors import UserError
@@ -30,6 +31,8 @@ from dist_distill.training.checkpoint import write_atomic
 
 FORMAT = "dd-generated-v1"
 MERGED, MANIFEST, BUILD = "generated.jsonl", "manifest.json", "build.json"
+STALE_S = 60.0
+"""A temporary chunk file older than this is a killed writer's and is removed by the next writer of that chunk."""
 
 
 def chunk_path(out: Path, index: int) -> Path:
@@ -98,8 +101,9 @@ def write_chunk(out: Path, index: int, lines: list[bytes], meta: dict, build_sha
     `fault(tmp_file)`: the fault-injection seam (training.faults.generate_fault), called half-way."""
     data = b"".join(lines)
     path = chunk_path(out, index)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # a killed attempt's leftovers, never read
-        stale.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.with_suffix('').name}.json*.tmp*"):  # a killed attempt's leftovers
+        if time.time() - stale.stat().st_mtime > STALE_S:  # (a live writer's exists for milliseconds)
+            stale.unlink(missing_ok=True)
     if fault is not None:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with open(tmp, "wb") as f:
@@ -118,7 +122,8 @@ def merge(out: Path, num_chunks: int, build_sha: str, manifest: dict) -> bool:
     at once write the same bytes."""
     if not all(chunk_done(out, c, build_sha) for c in range(num_chunks)):
         return False
-    if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("build_sha256") == build_sha:
+    if (out / MANIFEST).is_file() and (out / MERGED).is_file() \
+            and json.loads((out / MANIFEST).read_text()).get("build_sha256") == build_sha:
         return True  # merged before (chunks are only ever published complete, so nothing can have changed)
     sides = [json.loads(sidecar_path(out, c).read_text()) for c in range(num_chunks)]
     final = out / MERGED
