@@ -16,7 +16,7 @@ def test_help(module):
     assert "usage:" in proc.stdout and "--" in proc.stdout
 
 
-@pytest.mark.parametrize("sub", ["build", "info", "verify"])
+@pytest.mark.parametrize("sub", ["build", "info", "verify", "grade"])
 def test_cache_help(sub):
     assert "usage:" in module_cmd("dist_distill.cache", sub, "--help", timeout=120).stdout
 
