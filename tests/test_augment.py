@@ -42,7 +42,7 @@ def _records(path, prompts):
     return path
 
 
-@pytest.mark.bad_inputs(6)
+@pytest.mark.bad_inputs(7)
 def test_augmented_store_streams_and_is_keyed_by_the_table(tiny_world, tmp_path, monkeypatch):
     from dist_distill.data.store import TokenStore, prepare, store_key
     from dist_distill.models.loading import load_tokenizer
@@ -106,6 +106,11 @@ def test_augmented_store_streams_and_is_keyed_by_the_table(tiny_world, tmp_path,
     bad.write_text("def f(record, *, rng, copy, fields):\n    return 'text'\n")
     with pytest.raises(UserError, match="returned a str for record 0, expected a dict"):
         augment.expand(augment.resolve(DataSpec(train="x", augment=[AugmentSpec(fn=f"{bad}:f")])), raw[:1], 0)
+    raising = tmp_path / "raising.py"
+    raising.write_text("def f(record, *, rng, copy, fields):\n    return {}[fields[0]]\n")
+    with pytest.raises(UserError, match=r"raising.py:f failed on record 0 \(copy 0\): KeyError: 'prompt'"):
+        prepare(str(data), tok, DataSpec(train=str(data), store_dir=str(tmp_path / "s3"),
+                                         augment=[AugmentSpec(fn=f"{raising}:f")]), rank=0, world=1)
 
 
 def test_user_hook_identity(tmp_path):

@@ -131,7 +131,13 @@ class Augmenter:
         out = [(record, variant)] if self.spec.keep_original else []
         for c in range(self.spec.copies):
             rng = random.Random(_seed(self.spec.seed, self.position, index, variant, c))
-            new = self.fn(copy_mod.deepcopy(record), rng=rng, copy=c, **self.kwargs)
+            try:
+                new = self.fn(copy_mod.deepcopy(record), rng=rng, copy=c, **self.kwargs)
+            except UserError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a user function's failure, named with its record
+                raise UserError(f"data.augment[{self.position}] {self.spec.fn} failed on record {index} (copy {c}): "
+                                f"{type(err).__name__}: {err}") from err
             if new is not None:
                 if not isinstance(new, dict):
                     raise UserError(f"data.augment[{self.position}] {self.spec.fn} returned a "

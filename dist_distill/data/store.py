@@ -241,7 +241,10 @@ def build_chunk(records: RecordSource, tokenizer, spec, fmt: str, index: int, pa
     if augmenters:  # each record -> its augmented variants (data/augment.py), this chunk only
         from dist_distill.data.augment import expand
 
-        items = expand(augmenters, raw, start)
+        try:
+            items = expand(augmenters, raw, start)
+        except UserError as err:  # every rank sees it through failed.txt instead of waiting for this chunk
+            _fail(partial, str(err))
     else:
         items = [(rec, start + k, "") for k, rec in enumerate(raw)]
     rows = encode_batch([rec for rec, _, _ in items], tokenizer, spec, fmt)

@@ -3,7 +3,8 @@
     tiny world -> train the teacher -> generate (the teacher answers the prompts: sequence-level KD data)
     -> prepare (augmentation x3 + the base task's replay store) -> cache (dd-cache build over the augmented
     store; it grades every sample by the teacher's confidence) -> progressive three-stage distillation
-    (ZeRO-3, colocated teacher, replay 100 per 1000 steps) -> evaluation (dd-evaluate) -> summary.json
+    (ZeRO-3, colocated teacher, a curriculum over the difficulty buckets, replay 100 per 1000 steps)
+    -> evaluation (dd-evaluate) -> summary.json
 
 Every stage runs the command a user would, logs in <out>/logs/. From the repository root:
 
@@ -46,13 +47,20 @@ def overrides(out: Path, teacher: str, a) -> list[str]:
             f"data.train={out}/generated/generated.jsonl", f"data.eval={w}/data/heldout.jsonl",
             f"data.replay.path={w}/data/teacher_train.jsonl", f"teacher_source.cache_dir={out}/cache",
             f"output.dir={out}/student", f"data.store_dir={out}/token_store"]
-    if a.steps is not None:  # the three stages' 20 / 30 / 50 % split of the run, kept
-        s1, s2 = max(1, a.steps // 5), max(1, (3 * a.steps) // 10)
-        sets += [f"optim.max_steps={a.steps}", f"optim.warmup_steps={min(5, a.steps - 1)}",
-                 f"stages=[{{name: output, data_fraction: 0.2, steps: {s1}, terms: {{output: 1.0}}}}, "
-                 f"{{name: align, data_fraction: 0.5, steps: {s2}, terms: {{output: 0.7, hidden: 0.3}}}}, "
-                 f"{{name: all, data_fraction: 1.0, steps: {a.steps - s1 - s2}, "
-                 "terms: {output: 0.7, hidden: 0.2, attention: 0.1}}]"]
+    if a.steps is not None or a.buckets is not None:
+        import yaml
+
+        stages = yaml.safe_load((ROOT / RECIPE).read_text())["stages"]
+        if a.steps is not None:  # the stages' share of the run kept (20 / 30 / 50 %)
+            total = sum(st["steps"] for st in stages)
+            for st in stages[:-1]:
+                st["steps"] = max(1, st["steps"] * a.steps // total)
+            stages[-1]["steps"] = a.steps - sum(st["steps"] for st in stages[:-1])
+            sets += [f"optim.max_steps={a.steps}", f"optim.warmup_steps={min(5, a.steps - 1)}"]
+        if a.buckets is not None:
+            for st in stages:
+                st["buckets"] = {a.buckets: 1.0}
+        sets.append("stages=" + json.dumps(stages))
     if a.replay_every is not None:
         sets += [f"data.replay.samples={a.replay_samples}", f"data.replay.every_steps={a.replay_every}"]
     return [x for s in sets for x in ("--set", s)]
@@ -128,12 +136,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the recipe's 60)")
     p.add_argument("--replay-samples", type=int, default=100, help="with --replay-every: replay samples per period")
     p.add_argument("--replay-every", type=int, default=None, help="replay period in steps (default: the recipe's 1000)")
+    p.add_argument("--buckets", choices=("easy", "medium", "hard"), default=None,
+                   help="every stage draws from this difficulty bucket only (default: the recipe's curriculum)")
     p.add_argument("--smallest", action="store_true",
-                   help="the test's size: untrained teacher, 1000/64/32 records, 10 steps, replay 3 per 2 steps")
+                   help="the test's size: untrained teacher, 1000/64/32 records, 10 steps, replay 3 per 2 steps; "
+                        "the untrained teacher grades every sample hard, so the stages draw from hard only")
     a = p.parse_args(argv)
     if a.smallest:
         a.teacher_steps, a.teacher_samples, a.student_samples, a.heldout = 0, 1000, 64, 32
-        a.steps, a.replay_samples, a.replay_every = 10, 3, 2
+        a.steps, a.replay_samples, a.replay_every, a.buckets = 10, 3, 2, a.buckets or "hard"
     out = (ROOT / a.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
