@@ -130,10 +130,13 @@ class DataSpec:
     revision: Optional[str] = None
     """Hub dataset revision (branch, tag or commit) read with `split`; ignored for local files. Pin it:
     an unpinned hub dataset is keyed in the token store by its name alone."""
-    format: Literal["auto", "prompt_answer", "messages"] = "auto"
+    format: Literal["auto", "prompt_answer", "messages", "text"] = "auto"
     """Record shape. "prompt_answer": the prompt_field / answer_field columns; "messages": chat turns in
-    messages_field rendered with the student tokenizer's chat template; "auto": messages when the
-    records have a messages_field column, else prompt_answer."""
+    messages_field rendered with the student tokenizer's chat template; "text": plain text in text_field,
+    every token after the first a target; "auto": messages when the records have a messages_field column,
+    else prompt_answer."""
+    text_field: str = "text"
+    """format=text: record field holding the text."""
     messages_field: str = "messages"
     """Record field holding chat turns: a list of {"role": ..., "content": str}."""
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
@@ -154,6 +157,19 @@ class DataSpec:
     augment: list[AugmentSpec] = field(default_factory=list)
     """Augmentations applied in order to every data.train record when the store is built (each record
     becomes keep_original + copies samples per entry; streamed chunk by chunk, never all in memory)."""
+    packing: bool = False
+    """Pack several records into each sequence of max_seq_len tokens, with no attention across them (positions
+    restart per record; flash_attention_2 on CUDA runs its varlen path over those position_ids, sdpa/eager get
+    a 4-D block-diagonal mask). A micro-batch is then optim.micro_batch_size packed rows, so the records per
+    step vary; the loss is still normalised by the step's target tokens. See data/batching.py."""
+    pack_open_rows: int = 16
+    """data.packing: rows kept open for first-fit placement (more: denser rows, records placed further from
+    their stream order)."""
+    group_by_length: bool = False
+    """Unpacked runs: micro-batches of records of similar length, padded to their longest record instead of
+    max_seq_len (HF's group_by_length). Deterministic given seed and step, so resumable."""
+    length_group_steps: int = 16
+    """data.group_by_length: optimizer steps per mega-batch whose records are sorted by length together."""
     store_dir: Optional[str] = None
     """Where tokenized stores live (one folder per fingerprint of data, tokenizer, template and these
     settings). None: $DD_DATA_STORE, else ~/.cache/dist_distill/token_store."""
@@ -431,6 +447,7 @@ class Recipe:
         _check(self.data.max_seq_len >= 2, f"data.max_seq_len={self.data.max_seq_len}: must be at least 2")
         self._check_replay()
         self._check_augment()
+        self._check_batching()
         lo = self.loss
         _check(lo.temperature > 0, f"loss.temperature={lo.temperature}: must be > 0")
         _check(0.0 <= lo.ce_weight <= 1.0, f"loss.ce_weight={lo.ce_weight}: must lie in [0, 1]")
@@ -559,6 +576,38 @@ class Recipe:
             if aug.fn == "synonyms":
                 _check(aug.table is not None, f"{key}: the synonyms built-in needs a table (a .json or .tsv file)")
                 _check(not aug.params, f"{key}.params: the synonyms built-in takes no params (got {sorted(aug.params)})")
+    def _check_batching(self) -> None:
+        """data.packing / data.group_by_length against each other and what they cannot serve."""
+        d, kind = self.data, self.teacher_source.kind
+        _check(d.pack_open_rows >= 1, f"data.pack_open_rows={d.pack_open_rows}: must be >= 1")
+        _check(d.length_group_steps >= 1, f"data.length_group_steps={d.length_group_steps}: must be >= 1")
+        for key, on in (("data.packing", d.packing), ("data.group_by_length", d.group_by_length)):
+            if not on:
+                continue
+            _check(not (d.packing and d.group_by_length), "data.packing and data.group_by_length are both true: "
+                   "choose one (packing already removes the padding that length grouping reduces)")
+            _check(kind != "group", f"{key}=true is not supported with teacher_source.kind=group: the teacher group "
+                   "builds its own unpacked batches from the plain sampler; use a teacher cache (dd-cache build; one "
+                   "cache serves packed and unpacked runs) or teacher_source.kind=colocated, or set "
+                   f"{key}=false")
+            _check(not self.stages, f"{key}=true is not supported with progressive stages (stages: "
+                   f"{len(self.stages)} given): their per-stage sample pools use the plain sampler; set {key}=false")
+            _check(not self.uses_buckets(), f"{key}=true is not supported with training by difficulty bucket "
+                   "(grading.weights or stages[i].buckets): the bucket sampler draws its own micro-batches; set "
+                   f"{key}=false or remove the buckets")
+        if d.packing:
+            _check(d.replay is None, "data.packing=true with data.replay: the replay rate counts samples per main-data "
+                   "sample, which packed rows do not have a fixed number of; set data.packing=false (data.group_by_length "
+                   "works with replay) or remove data.replay")
+            _check(self.loss.cross_tokenizer == "none", f"data.packing=true with loss.cross_tokenizer="
+                   f"{self.loss.cross_tokenizer}: the teacher rows pair with the student's by record over unpacked "
+                   "samples; set data.packing=false")
+            _check(not self.uses_term("attention"), "data.packing=true with the attention term: the attention-transfer "
+                   "loss compares [B, L] real-token attention rows, which a packed row's documents do not have; set "
+                   "data.packing=false or weights.attention to 0")
+            _check(not self.uses_term("hidden") or self.intermediate.projection != "conv_gate",
+                   "data.packing=true with intermediate.projection=conv_gate: its gate pools over the whole row, "
+                   "mixing the packed documents; use intermediate.projection=linear (or identity) or data.packing=false")
 
     def _check_eval(self) -> None:
         """The evaluation-during-training keys (output.eval_*, output.best_metric) agree with each other."""

@@ -282,3 +282,35 @@ def test_evaluate_bad_arguments(tmp_path):
     proc = module_cmd("dist_distill.evaluate", "--model", "a=x", "--teacher", "b", "--data", "x.jsonl",
                       "--out", str(tmp_path), check=False, timeout=120)
     assert_clean_error(proc, "--teacher 'b' is not one of the --model names (a)")
+
+
+def test_held_out_sequences_come_from_the_token_store(tiny_world, tmp_path):
+    """dd-evaluate's scored sequences are read through the token store (data/store.py), and they are the
+    tokens of a direct tokenization: prompt/answer records (prompt with special tokens, answer, EOS; truncated
+    to max_len, dropped when no answer token is left) and text records (scored from the second token); a
+    record with nothing to score is dropped and counted. A second call maps the same store."""
+    from dist_distill.evaluation.data import StoreSequences, load_sequences
+    from dist_distill.models.loading import load_tokenizer
+    from dist_distill.recipe import ModelSpec
+
+    tok = load_tokenizer(ModelSpec(name_or_path=str(tiny_world / "student_init")), "student")
+    source = tiny_world / "data/heldout.jsonl"
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    got = load_sequences(str(source), tok, max_len=12, store_dir=str(tmp_path / "stores"))
+    assert isinstance(got.ids, StoreSequences)
+    want = []
+    for r in records:
+        p = tok(r["prompt"])["input_ids"]
+        seq = (p + tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:12]
+        if len(p) < len(seq):
+            want.append((seq, len(p)))
+    assert [(s, b) for s, b in zip(got.ids, got.start)] == want and len(want) > 30
+    assert got.ids[:2] == [want[0][0], want[1][0]] and got.num_tokens == sum(len(s) - b for s, b in want)
+    again = load_sequences(str(source), tok, max_len=12, store_dir=str(tmp_path / "stores"))
+    assert again.ids.store.path == got.ids.store.path  # built once, mapped after
+    texts = ["the big red dog", "", "cat", "a cow is red " * 8]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    seqs = load_sequences(str(tmp_path / "text.jsonl"), tok, max_len=10, store_dir=str(tmp_path / "stores"))
+    want = [ids[:10] for ids in (tok(t)["input_ids"] for t in texts) if len(ids) >= 2]
+    assert list(seqs.ids) == want and seqs.start == [1] * len(want) and len(want) >= 2
+    assert seqs.ids.store.meta["bad_rows"]["empty"] == len(texts) - len(want)

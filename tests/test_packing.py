@@ -74,3 +74,58 @@ def test_packed_batch_reads_the_unpacked_teacher_rows(setup):
     pw = packed.targets != IGNORE_INDEX
     want = packed.source[..., 0][pw] * 1000 + packed.source[..., 1][pw]
     assert torch.equal(got, want)
+
+
+def test_loss_normalisation_unchanged_by_packing(setup):
+    """The training loss of the same documents, packed (sdpa, block mask) and unpacked, with a top-k teacher
+    keyed by (sample, position) and the trainer's normalisation (sum over target tokens / the step's target
+    count): one value, and each micro-batch layout counts the same target tokens."""
+    from dist_distill.data.packing import packed_model_inputs
+    from dist_distill.objective.module import DistillationModule, StepSettings
+    from dist_distill.recipe import LossSpec
+    from dist_distill.teacher.signal import TeacherSignal
+
+    data, model = setup
+    vocab = model.config.vocab_size
+    module = DistillationModule(model, LossSpec(kind="fkl", temperature=2.0, ce_weight=0.3, backend="torch"), vocab)
+    samples = torch.tensor([4, 19, 33, 7, 50, 12])
+
+    def teacher(sample, position):  # rows that depend on the token's key only
+        g = torch.Generator().manual_seed(0)
+        table = torch.randn(64, 40, 5, generator=g) * 3
+        ids = torch.stack([torch.randperm(vocab, generator=torch.Generator().manual_seed(int(s * 100 + p)))[:5]
+                           for s, p in zip(sample.tolist(), position.tolist())])
+        logits = table[sample, position]
+        return TeacherSignal(topk=(ids, logits, torch.logsumexp(logits, 1) + 1.0))
+
+    step = StepSettings(temperature=2.0)
+    with torch.no_grad():
+        tgt = data.targets[samples]
+        where = tgt != IGNORE_INDEX
+        keys = (samples[:, None].expand_as(tgt)[where], torch.arange(tgt.shape[1]).expand_as(tgt)[where])
+        n = int(where.sum())
+        unpacked, _ = module(data.input_ids[samples], data.attention_mask[samples], tgt, teacher(*keys), step)
+        packed = pack(data, samples, 48)
+        assert packed.input_ids.numel() < tgt.numel()  # fewer slots
+        pw = packed.targets != IGNORE_INDEX
+        assert int(pw.sum()) == n
+        kw = packed_model_inputs(packed.input_ids, packed.position_ids, packed.doc, packed.targets, "sdpa")
+        loss, _ = module(**kw, teacher=teacher(packed.source[..., 0][pw], packed.source[..., 1][pw]), step=step)
+    torch.testing.assert_close(loss / n, unpacked / n, atol=1e-5, rtol=1e-5)
+    assert loss.item() > 0
+
+
+def test_flash_inputs_are_flattened_rows():
+    """flash_attention_2: one [1, B*L] sequence whose position_ids restart per document (transformers' packed
+    path needs batch 1), targets in the same row-major order; no L x L mask."""
+    from dist_distill.data.packing import packed_model_inputs
+
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
+    doc = torch.tensor([[0, 0, 0, 1, 1], [2, 2, -1, -1, -1]])
+    ids, tgt = torch.arange(10).view(2, 5), torch.arange(10, 20).view(2, 5)
+    kw = packed_model_inputs(ids, pos, doc, tgt, "flash_attention_2")
+    assert kw["attention_mask"] is None and kw["input_ids"].shape == (1, 10)
+    assert kw["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 0, 1, 2]] and torch.equal(kw["targets"][0], tgt.reshape(-1))
+    mask = packed_model_inputs(ids, pos, doc, tgt, "sdpa")["attention_mask"]
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    assert mask[0, 0, 4].tolist() == [False, False, False, True, True] and mask[1, 0, 3].tolist() == [False] * 3 + [True, False]

@@ -11,10 +11,14 @@ end, the rest padding. Positions restart at 0 for each document, and a document 
 The teacher signal is keyed by (sample, position) whatever the packing: `source[b, t]` is the (sample id,
 position in that sample) of packed token (b, t), and `teacher_rows` maps the packed batch's target tokens
 (row-major) onto the rows an unpacked batch of the same samples has, so a cache built for unpacked samples
-serves a packed run. Not wired into dd-train yet: the trainer still reads unpacked [B, max_seq_len] batches.
+serves a packed run. dd-train packs with data.packing=true: data/batching.py decides which samples share a
+row (`PackedSampler`), `pack_rows` lays them out, `packed_model_inputs` gives each model its inputs.
 
-Memory: the 4-D mask is B * L * L bytes (8 rows of 4096: 128 MiB) — one reason the CUDA path uses
-position_ids only.
+Memory: the 4-D mask is B * L * L bytes (8 rows of 4096: 128 MiB; eager turns it into an additive float
+mask, 4x that) and sdpa with an explicit mask cannot use its flash kernel, so its scores are materialised per
+head: fine at L <= 4096 for small students and the CPU tests, the wrong path for a 70B run at 4k. That is why
+CUDA + flash_attention_2 uses position_ids only (no L x L tensor at all). The mask is built on the device
+from `doc` (int64 [B, L]), so only B * L ids cross to the GPU, never the L x L mask.
 """
 
 from __future__ import annotations
@@ -59,21 +63,14 @@ class PackedBatch:
     samples: torch.Tensor
 
     def block_mask(self) -> torch.Tensor:
-        """bool [B, 1, L, L]: query t may attend to key s iff both are in the same document and s <= t.
-        A padding query attends to itself only (a row of all False gives NaN in sdpa)."""
-        same = (self.doc[:, :, None] == self.doc[:, None, :]) & (self.doc[:, :, None] >= 0)
-        causal = torch.ones(self.doc.shape[1], self.doc.shape[1], dtype=torch.bool).tril()
-        mask = same & causal
-        mask |= torch.eye(self.doc.shape[1], dtype=torch.bool)
-        return mask[:, None]
+        """bool [B, 1, L, L]: see `block_mask`."""
+        return block_mask(self.doc)
 
     def model_inputs(self, attn_implementation: str) -> tuple[dict, str]:
         """(kwargs for the HF model, one line for the start-up log saying how documents are kept apart)."""
-        if attn_implementation == "flash_attention_2":
-            return ({"input_ids": self.input_ids, "position_ids": self.position_ids},
-                    "packing: flash_attention_2 varlen over position_ids that restart per document (no mask)")
-        return ({"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.block_mask()},
-                f"packing: {attn_implementation} with a 4-D block-diagonal causal mask [B, 1, L, L]")
+        kwargs = packed_model_inputs(self.input_ids, self.position_ids, self.doc, self.targets, attn_implementation)
+        kwargs.pop("targets")
+        return kwargs, attention_path(attn_implementation)
 
     def teacher_rows(self, unpacked_targets: torch.Tensor) -> torch.Tensor:
         """int64 [n_targets]: for each target token of this packed batch (row-major), its row in the teacher
@@ -89,13 +86,54 @@ class PackedBatch:
         return rows
 
 
+def block_mask(doc: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, L, L] on doc's device from doc (int64 [B, L], -1 on padding): query t may attend to key s
+    iff both are in the same document and s <= t. A padding query attends to itself only (a row of all False
+    gives NaN in sdpa)."""
+    length = doc.shape[1]
+    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    causal = torch.ones(length, length, dtype=torch.bool, device=doc.device).tril()
+    mask = same & causal
+    mask |= torch.eye(length, dtype=torch.bool, device=doc.device)
+    return mask[:, None]
+
+
+def attention_path(attn_implementation: str) -> str:
+    """One line for the start-up log: how a packed batch keeps documents apart under this implementation."""
+    if attn_implementation == "flash_attention_2":
+        return ("packing: flash_attention_2 varlen over position_ids that restart per document (rows flattened to "
+                "[1, B*L], no mask)")
+    return f"packing: {attn_implementation} with a 4-D block-diagonal causal mask [B, 1, L, L] (bool)"
+
+
+def packed_model_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor, doc: torch.Tensor, targets: torch.Tensor,
+                        attn_implementation: str) -> dict:
+    """Model kwargs of a packed batch (all int64 [B, L] on one device), targets included.
+
+    flash_attention_2: transformers (5.x) takes its packed path only for batch size 1 (it finds the documents
+    where position_ids restart: `_is_packed_sequence`), so the B rows are flattened to [1, B * L] -- input_ids,
+    position_ids and targets alike; each row's padding starts its own position run, so it is one more
+    "document" with no target. Target tokens keep their row-major order, hence their teacher rows.
+    Every other implementation: [B, L] with the 4-D block mask built on that device."""
+    if attn_implementation == "flash_attention_2":
+        return {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1),
+                "attention_mask": None, "targets": targets.reshape(1, -1)}
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": block_mask(doc), "targets": targets}
+
+
 def pack(data, samples: torch.Tensor, max_len: int) -> PackedBatch:
     """Pack store samples `samples` (int64 [n]) of `data` (records.TokenizedData) into rows of max_len tokens.
     Reads each sample's real tokens only (attention_mask gives the length); targets keep their positions
     relative to their sample, so a target predicted at a document's last real token stays its EOS."""
+    lengths = data.attention_mask[samples].sum(1).tolist()
+    return pack_rows(data, samples, first_fit(lengths, max_len), max_len)
+
+
+def pack_rows(data, samples: torch.Tensor, bins: list[list[int]], max_len: int) -> PackedBatch:
+    """Lay out samples `samples` (int64 [n]) of `data` as rows: row b holds samples[bins[b]] end to end, in
+    that order (each bin's lengths must sum to <= max_len). One store read of the n samples."""
     ids, att, tgt = data.input_ids[samples], data.attention_mask[samples], data.targets[samples]
     lengths = att.sum(1).tolist()
-    bins = first_fit(lengths, max_len)
     shape = (len(bins), max_len)
     pad = data.store.pad_token_id if getattr(data, "store", None) is not None else 0
     out_ids = torch.full(shape, pad, dtype=torch.long)
@@ -107,6 +145,9 @@ def pack(data, samples: torch.Tensor, max_len: int) -> PackedBatch:
         t = 0
         for k in members:
             n = lengths[k]
+            if t + n > max_len:
+                raise ValueError(f"row {b}: samples {[int(samples[j]) for j in members]} have "
+                                 f"{sum(lengths[j] for j in members)} tokens, more than the packed length {max_len}")
             out_ids[b, t:t + n], out_tgt[b, t:t + n] = ids[k, :n], tgt[k, :n]
             out_pos[b, t:t + n] = torch.arange(n)
             out_doc[b, t:t + n] = k

@@ -5,7 +5,8 @@ same length: ``label[j] = 1`` when token j is a training target (predicted from 
 records.TokenizedData turns that into the next-token `targets` the rest of the code reads.
 
 Shapes: prompt/answer records give ``<bos> prompt answer <eos>`` (the tokenizer's own special
-tokens on the prompt), labels on the answer and the EOS. Chat records (`messages`) are rendered
+tokens on the prompt), labels on the answer and the EOS; plain text records (data.format=text) the
+tokenizer's tokens with its special tokens, labels on every token after the first. Chat records (`messages`) are rendered
 with the tokenizer's chat template; labels on the assistant turns (data.loss_on). A bad row is
 never tokenized into the store: the builder counts it by kind (`BAD_KINDS`) and skips it, or
 stops, by data.too_long / data.bad_rows.
@@ -88,6 +89,26 @@ def prompt_answer_batch(records: list[dict], tokenizer, spec) -> list:
     return out
 
 
+def text_batch(records: list[dict], tokenizer, spec) -> list:
+    """[(seq, label) or BadRow] per record of plain text (data.format=text: field data.text_field): the
+    tokenizer's tokens with its special tokens, every token after the first a target."""
+    out, good, texts = [None] * len(records), [], []
+    for i, rec in enumerate(records):
+        try:
+            texts.append(_text(rec, spec.text_field))
+            good.append(i)
+        except BadRow as bad:
+            out[i] = bad
+    for i, seq in zip(good, token_ids(tokenizer, texts, True) if good else []):
+        if len(seq) < 2:
+            out[i] = BadRow("empty", f"text {spec.text_field!r} tokenizes to {len(seq)} token(s): nothing to predict")
+            continue
+        label = np.ones(len(seq), np.uint8)
+        label[0] = 0
+        out[i] = (seq, label)
+    return out
+
+
 def _check_messages(messages, spec) -> list[dict]:
     if not isinstance(messages, list):
         raise BadRow("wrong_type", f"field {spec.messages_field!r} is {type(messages).__name__}, expected a list of turns")
@@ -151,6 +172,8 @@ def encode_batch(records: list, tokenizer, spec, fmt: str) -> list:
                 rows.append(messages_row(rec, tokenizer, spec))
             except BadRow as bad:
                 rows.append(bad)
+    elif fmt == "text":
+        rows = text_batch(decoded, tokenizer, spec)
     else:
         rows = prompt_answer_batch(decoded, tokenizer, spec)
     it = iter(rows)

@@ -190,6 +190,8 @@ def store_key(source: str, tokenizer, spec) -> tuple[str, dict]:
         from dist_distill.data.augment import identity as augment_identity
 
         identity["augment"] = augment_identity(augmenters)
+    if spec.format == "text":  # only then: the other formats' keys stay what they were
+        identity["settings"]["text_field"] = spec.text_field
     if not is_local(source):
         identity["settings"].pop("split"), identity["settings"].pop("revision")
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(), identity
@@ -378,11 +380,11 @@ def prepare(source: str, tokenizer, spec, progress: bool = False, rank: int | No
     records = RecordSource(source, spec)
     fmt = record_format(spec, records.columns)
     check_tokenizer(tokenizer, fmt)
-    if fmt == "prompt_answer" and not records.jsonl:
-        for name in (spec.prompt_field, spec.answer_field):
+    if fmt in ("prompt_answer", "text") and not records.jsonl:
+        for name in ((spec.text_field,) if fmt == "text" else (spec.prompt_field, spec.answer_field)):
             if name not in records.columns:
                 raise UserError(f"data {source}: records have no field {name!r} (fields: {', '.join(records.columns)}); "
-                                "set data.prompt_field / data.answer_field")
+                                "set data.prompt_field / data.answer_field (data.text_field for data.format=text)")
     n_chunks = max(1, -(-len(records) // CHUNK))
     mine = range(rank * n_chunks // world, (rank + 1) * n_chunks // world)
     t0 = time.monotonic()

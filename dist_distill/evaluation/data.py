@@ -16,6 +16,8 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+import numpy as np
+
 from dist_distill.errors import UserError
 
 
@@ -36,7 +38,8 @@ def _require(records, source: str, fields: list[str], flags: list[str]) -> None:
 @dataclass
 class Sequences:
     """Token sequences to score: ``ids[i]`` (list of int token ids); tokens ``ids[i][start[i]:]``
-    are scored, each predicted from the tokens before it (``1 <= start[i] < len(ids[i])``)."""
+    are scored, each predicted from the tokens before it (``1 <= start[i] < len(ids[i])``).
+    `ids` is a list, or a `StoreSequences` reading each sequence from the token store when indexed."""
 
     ids: list[list[int]]
     start: list[int]
@@ -49,33 +52,88 @@ class Sequences:
         return sum(len(s) - b for s, b in zip(self.ids, self.start))
 
 
+class StoreSequences:
+    """The samples of a token store as lists of token ids, read with pread when indexed (an int gives one
+    list, a slice a list of lists); nothing but the offsets is held, whatever the store's size."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def _one(self, i: int) -> list[int]:
+        a, b = int(self.store.offsets[i]), int(self.store.offsets[i + 1])
+        return self.store._pread("tokens", "uint32", a, b).tolist()
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._one(i) for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sequence {index} out of range for {len(self)}")
+        return self._one(index % len(self))
+
+    def __iter__(self):
+        return (self._one(i) for i in range(len(self)))
+
+
+def _store_tokenizer(tokenizer):
+    """The tokenizer as the store needs it (a pad token): a model without one pads with its EOS, as scoring does."""
+    if tokenizer.pad_token_id is not None or tokenizer.eos_token_id is None:
+        return tokenizer
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_sequences(source: str, tokenizer, *, text_field: str = "text", prompt_field: str = "prompt",
                    answer_field: str = "answer", max_len: int = 512, max_samples: int | None = None,
-                   split: str = "train") -> Sequences:
-    """Sequences for perplexity and KL: a `text_field` record is scored from its second token on,
-    truncated to `max_len` tokens; a prompt/answer record scores answer + EOS given the prompt."""
-    records = read_records(source, split, max_samples)
-    ids, start = [], []
-    if text_field in records.column_names:
-        for i, seq in enumerate(tokenizer(list(records[text_field]))["input_ids"]):
-            seq = seq[:max_len]
-            if len(seq) >= 2:
-                ids.append(seq)
-                start.append(1)
+                   split: str = "train", store_dir: str | None = None) -> Sequences:
+    """Sequences for perplexity and KL, read through the token store (data/store.py: tokenized once, by all
+    ranks together under torchrun, then mapped by every process): a `text_field` record is scored from its
+    second token on, truncated to `max_len` tokens (data.format=text); a prompt/answer record scores answer
+    + EOS given the prompt (truncated likewise; dropped if no answer token is left). Records with nothing to
+    score (empty, missing or mistyped fields) are dropped and counted in the store's report line."""
+    from dist_distill.data.records import load_tokenized
+    from dist_distill.data.store import RecordSource
+    from dist_distill.recipe import DataSpec
+
+    spec = DataSpec(train=source, split=split, prompt_field=prompt_field, answer_field=answer_field,
+                    text_field=text_field, max_seq_len=max_len, max_samples=max_samples, too_long="truncate",
+                    bad_rows="skip", store_dir=store_dir)
+    columns = RecordSource(source, spec).columns
+    if text_field in columns:
+        fmt = "text"
+    elif prompt_field in columns:
+        fmt = "prompt_answer"
+        if answer_field not in columns:
+            raise UserError(f"eval data {source}: records have no field {answer_field!r} (fields: "
+                            f"{', '.join(columns)}); set --answer-field")
     else:
-        if prompt_field not in records.column_names:
-            raise UserError(f"eval data {source}: records have neither a text field {text_field!r} nor a prompt "
-                            f"field {prompt_field!r} (fields: {', '.join(records.column_names)}); set --text-field, "
-                            "or --prompt-field and --answer-field")
-        _require(records, source, [answer_field], ["--answer-field"])
-        for prompt, answer in zip(*qa_token_ids(records, tokenizer, prompt_field, answer_field)):
-            seq = (prompt + answer)[:max_len]
-            if len(prompt) < len(seq):
-                ids.append(seq)
-                start.append(max(len(prompt), 1))
-    if not ids:
-        raise UserError(f"eval data {source}: no record has a token to score")
-    return Sequences(ids, start)
+        raise UserError(f"eval data {source}: records have neither a text field {text_field!r} nor a prompt "
+                        f"field {prompt_field!r} (fields: {', '.join(columns)}); set --text-field, "
+                        "or --prompt-field and --answer-field")
+    import dataclasses
+
+    spec = dataclasses.replace(spec, format=fmt)
+    try:
+        data = load_tokenized(source, _store_tokenizer(tokenizer), spec, max_samples)
+    except UserError as err:
+        if "no usable record" in str(err):
+            raise UserError(f"eval data {source}: no record has a token to score ({err})") from None
+        raise
+    store = data.store
+    starts = [_first_target(store, i) for i in range(len(store))]
+    return Sequences(StoreSequences(store), starts)
+
+
+def _first_target(store, i: int) -> int:
+    """Position of sample i's first scored token (its first label), >= 1."""
+    a, b = int(store.offsets[i]), int(store.offsets[i + 1])
+    labels = store._pread("labels", "uint8", a, b)
+    return max(int(np.flatnonzero(labels)[0]), 1)
 
 
 def qa_token_ids(records, tokenizer, prompt_field: str, answer_field: str) -> tuple[list[list[int]], list[list[int]]]:

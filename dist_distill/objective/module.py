@@ -140,11 +140,13 @@ class DistillationModule(nn.Module):
         return total / rows.clamp(min=1) * target_mask.sum()
 
     def forward(self, input_ids, attention_mask, targets, teacher: TeacherSignal | None = None,
-                step: StepSettings | None = None):
+                step: StepSettings | None = None, position_ids=None):
+        """position_ids: None, or int64 like input_ids for a packed batch (then attention_mask is the 4-D block
+        mask, or None under flash_attention_2: data.packing.packed_model_inputs)."""
         step = step or StepSettings(temperature=self.loss_spec.temperature)
         w = step.weights
         need_hidden, need_attn = w.get("hidden", 0.0) > 0, w.get("attention", 0.0) > 0
-        out = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+        out = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                          output_hidden_states=need_hidden, output_attentions=need_attn)
         mask = targets != IGNORE_INDEX
         loss, parts = self._output_loss(out.last_hidden_state[mask], targets[mask], teacher, step.temperature)

@@ -33,9 +33,16 @@ class ColocatedTeacher:
         self.model = model.eval().requires_grad_(False)
         self.need_layers, self.need_attentions = need_layers, need_attentions
 
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation
+
     @torch.no_grad()
     def signal(self, indices: torch.Tensor, batch: dict) -> TeacherSignal:
+        """`batch`: input_ids, attention_mask, targets and, for a packed batch, position_ids, laid out for this
+        teacher's attention implementation (data.packing.packed_model_inputs): the student's tokens exactly."""
         out = self.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       position_ids=batch.get("position_ids"),
                                        output_hidden_states=self.need_layers,
                                        output_attentions=self.need_attentions)
         mask = batch["targets"] != IGNORE_INDEX

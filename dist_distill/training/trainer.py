@@ -27,6 +27,7 @@ from dist_distill.errors import UserError
 from dist_distill.recipe import Recipe
 from dist_distill.training import checkpoint
 from dist_distill.training.faults import FaultPlan
+from dist_distill.training.input_trace import InputTrace
 from dist_distill.training.preemption import Preempted, PreemptionGuard, write_requeue_file
 
 
@@ -53,8 +54,8 @@ class Trainer:
         """Process group, this rank's device, data, teacher source, the DeepSpeed engine, logs."""
         import deepspeed
 
+        from dist_distill.data.batching import build_sampler
         from dist_distill.data.records import load_tokenized
-        from dist_distill.data.sampler import StepSampler, bucket_sampler
         from dist_distill.models.loading import load_tokenizer
         from dist_distill.teacher.sources import build_teacher_source
         from dist_distill.training.distributed import default_backend, local_device
@@ -66,16 +67,17 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=r.deepspeed.startup_timeout_s))
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.faults = FaultPlan.from_env(self.rank)
+        self.trace = InputTrace(self.rank)  # DD_INPUT_TRACE: what the loss was given (tests)
         self.preemption = PreemptionGuard(self.exit_duration_s)  # SIGUSR1/SIGTERM only set a flag
         seed_everything(r.seed + self.rank)
         self.tokenizer = load_tokenizer(r.student, "student")
         self.data = load_tokenized(r.data.train, self.tokenizer, r.data, r.data.max_samples)
-        self.sampler = bucket_sampler(r, self.data, self.world, self.rank) if r.uses_buckets() else \
-            StepSampler(len(self.data), r.optim.micro_batch_size, r.optim.grad_accum, self.world, self.rank, r.seed,
-                        r.stages)  # by difficulty bucket (grading.weights, stages[i].buckets: grades checked here,
-        # before the engine is built) or uniformly
+        # by difficulty bucket (grading.weights, stages[i].buckets: grades checked here, before the engine is
+        # built), packed rows, length-grouped or uniformly (data/batching.py)
+        self.sampler = build_sampler(r, self.data, self.world, self.rank)
         self.teacher = build_teacher_source(r, self.tokenizer, self.data, self.device, lambda: self.step)
         self.engine = self._build_engine()
+        self._log_batching()
         self.replay = self._replay_schedule() if r.data.replay is not None else None
         from dist_distill.data.pipeline import InputPipeline
         from dist_distill.teacher.cache.reader import CacheTeacher
@@ -97,6 +99,35 @@ class Trainer:
         from dist_distill.training.periodic_eval import build_periodic_eval
 
         self.evaluator = build_periodic_eval(self)  # None unless output.eval_every > 0
+
+    def _log_batching(self) -> None:
+        """Say how micro-batches are formed and, under packing, how each model keeps the documents apart;
+        refuse a colocated teacher whose packed layout cannot be compared with the student's."""
+        from dist_distill.data.packing import attention_path
+        from dist_distill.teacher.colocated import ColocatedTeacher
+
+        d = self.recipe.data
+        self.packing = d.packing
+        self.student_attn = self.engine.module.student.config._attn_implementation
+        lines = []
+        if d.packing:
+            lines.append(f"batching: packed rows of {d.max_seq_len} tokens, {self.recipe.optim.micro_batch_size} "
+                         f"rows per micro-batch; student {attention_path(self.student_attn)}")
+            if isinstance(self.teacher, ColocatedTeacher):
+                t_attn = self.teacher.attn_implementation
+                lines.append(f"batching: colocated teacher {attention_path(t_attn)}")
+                flat = (self.student_attn == "flash_attention_2", t_attn == "flash_attention_2")
+                if self.recipe.uses_term("hidden") and flat[0] != flat[1]:
+                    raise UserError(f"data.packing=true with the hidden term: the student runs {self.student_attn} "
+                                    f"and the teacher {t_attn}, so their packed hidden states have different layouts "
+                                    "([1, B*L] under flash_attention_2, [B, L] otherwise); give student and teacher "
+                                    "the same attn_implementation")
+        elif d.group_by_length:
+            lines.append(f"batching: length-grouped (mega-batches of data.length_group_steps={d.length_group_steps} "
+                         "steps sorted by length), each micro-batch padded to its longest record")
+        if self.rank == 0:
+            for line in lines:
+                print(line, flush=True)
 
     def _replay_schedule(self):
         """The replay store (data.replay, built through the token store like data.train) and its schedule."""
@@ -162,9 +193,14 @@ class Trainer:
         """What the trainer needs besides the engine to continue exactly: the step (the data, cache
         and stage positions are pure functions of it) and the skip counters."""
         op = self.recipe.optim
-        return {"step": self.step, **self.skips.state(),
-                "samples_seen": self.step * self.world * op.grad_accum * op.micro_batch_size,
+        return {"step": self.step, **self.skips.state(), "samples_seen": self._records_before(self.step),
                 "replay_samples_seen": self.replay.due(self.step) if self.replay is not None else 0}
+
+    def _records_before(self, step: int) -> int:
+        if hasattr(self.sampler, "records_before"):
+            return self.sampler.records_before(step)
+        op = self.recipe.optim
+        return step * self.world * op.grad_accum * op.micro_batch_size
 
     def save_checkpoint(self) -> None:
         """Write and commit checkpoints/step-<step> on every rank (training.checkpoint.save_checkpoint)."""
@@ -198,12 +234,27 @@ class Trainer:
                             l2_scale=step_tokens / (self.world * r.optim.grad_accum))
 
     def _step_inputs(self, step: int) -> tuple:
-        """(micro-batch sample ids, CPU batches (pinned on CUDA), float64 [5] local counts, cache signals or
-        None, replay micro-batches) of optimizer step `step`: no engine, no collective (data.pipeline may
-        run it in a thread). counts: main target tokens, main tokens, replay target tokens, replay tokens,
-        replay samples. Replay micro-batches: [(batch, real)]; real=False is a filler row (weight 0)."""
-        d, micro = self.data, self.sampler.step_indices(step)
-        batches = [self._batch(d, i) for i in micro]
+        """(micro-batch plans, CPU batches (pinned on CUDA), float64 [6] local counts, cache signals or None,
+        replay micro-batches) of optimizer step `step`: no engine, no collective (data.pipeline may run it in a
+        thread). counts: main target tokens, main tokens, replay target tokens, replay tokens, replay samples,
+        main token slots (padding included). A plan is the micro-batch's sample ids (int64 [micro_batch]) or,
+        packed (data.packing), its PackedBatch, whose CPU batch holds input_ids, position_ids, targets and doc,
+        int64 [B, L]. Replay micro-batches: [(batch, real)]; real=False is a filler row (weight 0)."""
+        from dist_distill.data.batching import micro_batch_rows
+        from dist_distill.data.packing import pack_rows
+
+        d, pin = self.data, self.device.type == "cuda"
+        if self.packing:
+            micro = [pack_rows(d, *micro_batch_rows(rows), self.recipe.data.max_seq_len)
+                     for rows in self.sampler.step_rows(step)]
+            batches = [{k: (t.pin_memory() if pin else t) for k, t in (("input_ids", p.input_ids),
+                        ("position_ids", p.position_ids), ("targets", p.targets), ("doc", p.doc))} for p in micro]
+            real_tokens = sum(int((b["doc"] >= 0).sum()) for b in batches)
+        else:
+            micro = self.sampler.step_indices(step)
+            # data.group_by_length: each micro-batch padded to its longest record only
+            batches = [self._batch(d, i, trim=self.recipe.data.group_by_length) for i in micro]
+            real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         replay = []
         if self.replay is not None:  # data/replay.py: the same number of replay micro-batches on every rank
             for i in self.replay.step_indices(step):
@@ -211,19 +262,42 @@ class Trainer:
                 replay.append((self._batch(self.replay_data, i if real else
                                            torch.tensor([self.replay.sample(self.replay.due(step))])), real))
         real_replay = [b for b, real in replay if real]
-        counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in batches),
-                               sum(int(b["attention_mask"].sum()) for b in batches),
+        counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in batches), real_tokens,
                                sum(int((b["targets"] != -100).sum()) for b in real_replay),
                                sum(int(b["attention_mask"].sum()) for b in real_replay),
-                               sum(len(b["targets"]) for b in real_replay)], dtype=torch.float64)
-        signals = [self._input_teacher.signal(i, b) for i, b in zip(micro, batches)] \
-            if self._input_teacher is not None else None
+                               sum(len(b["targets"]) for b in real_replay),
+                               sum(b["targets"].numel() for b in batches)], dtype=torch.float64)
+        signals = None
+        if self._input_teacher is not None:
+            signals = [self._input_teacher.packed_signal(p) if self.packing else self._input_teacher.signal(p, b)
+                       for p, b in zip(micro, batches)]
         return micro, batches, counts, signals, replay
 
-    def _batch(self, data, indices: torch.Tensor) -> dict:
+    def _batch(self, data, indices: torch.Tensor, trim: bool = False) -> dict:
+        """input_ids, attention_mask, targets int64 [B, L] of samples `indices` (pinned on CUDA); `trim`: L is
+        the batch's longest sample instead of data.max_seq_len."""
         pin = self.device.type == "cuda"
-        return {k: (t.pin_memory() if pin else t) for k, t in (("input_ids", data.input_ids[indices]),
-                ("attention_mask", data.attention_mask[indices]), ("targets", data.targets[indices]))}
+        batch = {"input_ids": data.input_ids[indices], "attention_mask": data.attention_mask[indices],
+                 "targets": data.targets[indices]}
+        if trim:
+            width = max(int(batch["attention_mask"].sum(1).max()), 1)
+            batch = {k: t[:, :width] for k, t in batch.items()}
+        return {k: (t.pin_memory() if pin else t) for k, t in batch.items()}
+
+    def _teacher_signal(self, plan, batch: dict):
+        """The teacher signal of one micro-batch (in the training thread: group and colocated sources, or a cache
+        with the pipeline off). `batch` is on the device; packed batches still hold `doc`."""
+        from dist_distill.data.packing import packed_model_inputs
+        from dist_distill.teacher.cache.reader import CacheTeacher
+
+        if self.teacher is None:
+            return None
+        if not self.packing:
+            return self.teacher.signal(plan, batch)
+        if isinstance(self.teacher, CacheTeacher):
+            return self.teacher.packed_signal(plan)
+        return self.teacher.signal(plan.samples, packed_model_inputs(
+            batch["input_ids"], batch["position_ids"], batch["doc"], batch["targets"], self.teacher.attn_implementation))
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
@@ -236,10 +310,15 @@ class Trainer:
         self.faults.at_step_start(self.step + 1)
         bad = torch.zeros(1, device=self.device)
         last = len(micro) + len(replay) - 1  # the same on every rank (replay: data/replay.py)
-        for m, indices in enumerate(micro):
+        for m, plan in enumerate(micro):
             batch = {k: t.to(self.device, non_blocking=True) for k, t in cpu_batches[m].items()}
-            teacher = signals[m] if signals is not None else \
-                self.teacher.signal(indices, batch) if self.teacher is not None else None
+            teacher = signals[m] if signals is not None else self._teacher_signal(plan, batch)
+            self.trace.record(self.step + 1, m, plan, cpu_batches[m], teacher)
+            if self.packing:  # the student's layout for its attention implementation, the block mask on the device
+                from dist_distill.data.packing import packed_model_inputs
+
+                batch = packed_model_inputs(batch["input_ids"], batch["position_ids"], batch["doc"], batch["targets"],
+                                            self.student_attn)
             loss_sum, parts = self._micro_step(batch, teacher, settings, 1.0, m == last, bad, n_targets)
             sums[:5] += torch.stack([loss_sum] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
         if replay:
@@ -265,6 +344,7 @@ class Trainer:
                 **{f"weight_{k}": v for k, v in settings.weights.items()},
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "target_tokens": int(counts[0].item()), "tokens": int(counts[1].item()),
+                "padding_fraction": 1.0 - counts[1].item() / max(counts[5].item(), 1.0),  # of the main token slots run
                 "skipped": skipped, "skipped_total": self.skips.total,
                 "input_wait_s": self.inputs.wait_s,  # cumulative time this rank waited for its inputs
                 "bad_rows_dropped": sum(v for k, v in self.data.bad_rows.items() if k != "truncated"),

@@ -249,17 +249,9 @@ class TeacherCache:
         kk = self.manifest["k"] if k is None else k
         if kk > self.manifest["k"]:
             raise UserError(f"teacher cache {self.dir} keeps k={self.manifest['k']} logits per token, asked for {kk}")
-        ids, vals, lse, tails, mask = self.rows(indices.cpu().numpy() if torch.is_tensor(indices) else indices, np.int64)
-        ids, vals, tails = torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(tails)
-        if kk < ids.shape[1]:
-            from dist_distill.teacher.tails import drop_to_k
-
-            top, pick = vals.topk(kk, dim=1, sorted=False)
-            keep = torch.zeros_like(vals, dtype=torch.bool).scatter_(1, pick, True)
-            tails = drop_to_k(vals, tails, keep, self.tail_temperatures)
-            vals, ids = top, ids.gather(1, pick)
+        ids, vals, lse, tails, mask = self.compact_rows(indices, kk)
         b, length = mask.shape
-        lse, nt = torch.from_numpy(lse), tails.shape[1]
+        nt = tails.shape[1]
         if mask.all():  # every position holds a row: the rows are the [B, L] grid already
             return ids.view(b, length, kk), vals.view(b, length, kk), lse.view(b, length), tails.view(b, length, nt)
         where = torch.from_numpy(np.flatnonzero(mask.reshape(-1)))
@@ -269,6 +261,21 @@ class TeacherCache:
         out_tails = torch.zeros(b * length, nt, dtype=torch.float32).index_copy_(0, where, tails)
         return (out_ids.view(b, length, kk), out_vals.view(b, length, kk), out_lse.view(b, length),
                 out_tails.view(b, length, nt))
+
+    def compact_rows(self, indices, k: int):
+        """Rows of samples `indices` (int64 [B]) in their stored order, cut to the `k` most probable entries as
+        `fetch` does: ids int64 [R, k], logits fp32 [R, k], lse fp32 [R], log tails fp32 [R, nT], and the
+        positions holding them, numpy bool [B, L] (row-major order of the True entries)."""
+        ids, vals, lse, tails, mask = self.rows(indices.cpu().numpy() if torch.is_tensor(indices) else indices, np.int64)
+        ids, vals, tails = torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(tails)
+        if k < ids.shape[1]:
+            from dist_distill.teacher.tails import drop_to_k
+
+            top, pick = vals.topk(k, dim=1, sorted=False)
+            keep = torch.zeros_like(vals, dtype=torch.bool).scatter_(1, pick, True)
+            tails = drop_to_k(vals, tails, keep, self.tail_temperatures)
+            vals, ids = top, ids.gather(1, pick)
+        return ids, vals, torch.from_numpy(lse), tails, mask
 
     def row_mask(self, indices) -> torch.Tensor:
         """bool [B, L]: the positions of samples `indices` that hold a teacher row."""
@@ -351,6 +358,8 @@ class CacheTeacher:
             return self._aligned_signal(indices, batch)
         ids, logits, lse, tails = self.cache.fetch(indices, self.top_k)
         mask = batch["targets"].cpu() != IGNORE_INDEX
+        if mask.shape[1] < ids.shape[1]:  # a length-grouped batch is cut to its longest sample
+            ids, logits, lse, tails = (t[:, :mask.shape[1]] for t in (ids, logits, lse, tails))
         return TeacherSignal(topk=(ids[mask].to(self.device), logits[mask].to(self.device), lse[mask].to(self.device)),
                              log_tails=tails[mask].to(self.device), tail_temperatures=self.cache.tail_temperatures,
                              source=f"teacher cache {self.cache.dir}")
@@ -376,3 +385,24 @@ class CacheTeacher:
                              log_tails=tails[t_rows].to(dev), tail_temperatures=self.cache.tail_temperatures,
                              aligned_rows=s_rows.to(dev),
                              source=f"teacher cache {self.cache.dir} (the teacher's tokenization)")
+
+    def packed_signal(self, packed) -> TeacherSignal:
+        """The signal of a packed batch (data.packing.PackedBatch): for each of its target tokens, row-major, the
+        cache row of its (sample, position) -- the row the same token has in an unpacked batch, so one cache
+        serves packed and unpacked runs. Decodes the packed samples' rows once (compact, no [n, L, k] grid)."""
+        assert self.align is None, "packing with loss.cross_tokenizer is refused by the recipe"
+        ids, logits, lse, tails, mask = self.cache.compact_rows(packed.samples, self.top_k)
+        row_of = np.full(mask.shape, -1, dtype=np.int64)
+        row_of[mask] = np.arange(int(mask.sum()))
+        where = (packed.targets != IGNORE_INDEX).numpy()
+        doc, pos = packed.doc.numpy()[where], packed.source[..., 1].numpy()[where]
+        rows = row_of[doc, pos]
+        if (rows < 0).any():
+            j = int(np.flatnonzero(rows < 0)[0])
+            raise UserError(f"teacher cache {self.cache.dir} has no row at sample {int(packed.samples[doc[j]])}, "
+                            f"position {int(pos[j])}, a target token of the packed batch: the cache and the token store "
+                            "disagree on the target positions; rebuild the cache with dd-cache for this recipe")
+        rows = torch.from_numpy(rows)
+        return TeacherSignal(topk=(ids[rows].to(self.device), logits[rows].to(self.device), lse[rows].to(self.device)),
+                             log_tails=tails[rows].to(self.device), tail_temperatures=self.cache.tail_temperatures,
+                             source=f"teacher cache {self.cache.dir}")
