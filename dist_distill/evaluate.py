@@ -5,7 +5,8 @@ Models: ``--model NAME=DIR`` (repeatable, table order): an HF directory or hub n
 reason where the device does not support it). Metrics (``--metrics``, comma-separated; default: the
 quality metrics whose data is given, params and memory):
 
-  perplexity   exp(mean NLL) of held-out text (--data: a text field, or prompt/answer records)
+  perplexity   exp(mean NLL) of held-out text (--data: a text field, or prompt/answer records; read
+               through the token store, tokenized once by all ranks together)
   kl           KL(teacher || model) at T=1 and top-1 agreement on the same tokens (--teacher NAME)
   mc           multiple-choice accuracy by log-likelihood, sum (acc) and per character (acc_norm) (--mc-data)
   exact_match  greedy generated answer == reference answer, batched (--qa-data, or --data prompt/answer)
@@ -59,6 +60,9 @@ def parse_args(argv):
                         "'Answer:', or each choice's text as the question's continuation (cloze)")
     p.add_argument("--max-samples", type=int, default=None, help="use the first N records of each data set")
     p.add_argument("--max-len", type=int, default=512, help="truncate text records to this many tokens")
+    p.add_argument("--store-dir", default=None,
+                   help="token store folder for --data (default: $DD_DATA_STORE, else ~/.cache/dist_distill/token_store; "
+                        "tokenized once, then mapped by every process)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (perplexity, kl, mc)")
     p.add_argument("--gen-batch-size", type=int, default=32, help="prompts per batched generate (exact_match)")
     p.add_argument("--latency-prompts", type=int, default=8, help="prompts timed at batch 1 (median)")

@@ -129,3 +129,27 @@ def test_flash_inputs_are_flattened_rows():
     mask = packed_model_inputs(ids, pos, doc, tgt, "sdpa")["attention_mask"]
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     assert mask[0, 0, 4].tolist() == [False, False, False, True, True] and mask[1, 0, 3].tolist() == [False] * 3 + [True, False]
+
+
+def test_colocated_teacher_on_packed_inputs_gives_the_unpacked_rows(setup):
+    """A colocated teacher run on the packed batch (the trainer's path: the same packed inputs, laid out for
+    its attention implementation) gives, per target token, the final hidden state it gives unpacked."""
+    from dist_distill.data.packing import packed_model_inputs
+    from dist_distill.teacher.colocated import ColocatedTeacher
+
+    data, model = setup
+    teacher = ColocatedTeacher(model)
+    assert teacher.attn_implementation == "sdpa"
+    samples = torch.tensor([8, 2, 61, 14, 27])
+    tgt = data.targets[samples]
+    alone = teacher.signal(samples, {"input_ids": data.input_ids[samples], "attention_mask": data.attention_mask[samples],
+                                     "targets": tgt}).hidden
+    packed = pack(data, samples, 48)
+    got = teacher.signal(samples, packed_model_inputs(packed.input_ids, packed.position_ids, packed.doc, packed.targets,
+                                                      teacher.attn_implementation)).hidden
+    where = tgt != IGNORE_INDEX
+    row_of = torch.full(tgt.shape, -1, dtype=torch.long)
+    row_of[where] = torch.arange(int(where.sum()))
+    pw = packed.targets != IGNORE_INDEX
+    order = row_of[packed.doc[pw], packed.source[..., 1][pw]]
+    torch.testing.assert_close(got, alone[order], atol=2e-5, rtol=1e-5)

@@ -43,11 +43,29 @@ def test_overrides_are_typed():
     ("loss.temperature=0", "loss.temperature=0.0: must be > 0"),
     (["output.export=false", "output.export_8bit=true"], "output.export_8bit=true needs output.export=true"),
     ("optim", "override 'optim': expected the form section.key=value"),
+    (["data.packing=true", "data.group_by_length=true"], "data.packing and data.group_by_length are both true"),
+    (["data.packing=true", "teacher_source.kind=group", "teacher.name_or_path=t"],
+     "data.packing=true is not supported with teacher_source.kind=group"),
+    (["data.group_by_length=true", "teacher_source.kind=group", "teacher.name_or_path=t"],
+     "data.group_by_length=true is not supported with teacher_source.kind=group"),
+    (["data.packing=true", "teacher_source.kind=colocated", "teacher.name_or_path=t", "weights.attention.start=0.1",
+      "student.attn_implementation=eager", "teacher.attn_implementation=eager"],
+     "data.packing=true with the attention term"),
+    (["data.packing=true", "teacher_source.kind=colocated", "teacher.name_or_path=t", "weights.hidden.start=0.1",
+      "intermediate.projection=conv_gate"], "data.packing=true with intermediate.projection=conv_gate"),
+    (["data.packing=true", "data.pack_open_rows=0"], "data.pack_open_rows=0: must be >= 1"),
 ])
 def test_bad_recipes_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(None, MINIMAL + (override if isinstance(override, list) else [override]))
     assert message in str(err.value)
+
+
+@pytest.mark.bad_inputs(1)
+def test_packing_with_stages_is_refused():
+    stages = "stages=[{name: a, data_fraction: 1.0, steps: 100, terms: {output: 1.0}}]"
+    with pytest.raises(RecipeError, match="data.packing=true is not supported with progressive stages"):
+        load_recipe(None, MINIMAL + ["data.packing=true", stages])
 
 
 @pytest.mark.bad_inputs(1)

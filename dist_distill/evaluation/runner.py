@@ -161,6 +161,7 @@ class EvalInputs:
     mc_continuation: str = "letter"
     max_samples: int | None = None
     max_len: int = 512
+    store_dir: str | None = None
     batch_size: int = 8
     gen_batch_size: int = 32
     latency_prompts: int = 8
@@ -181,7 +182,7 @@ class _Data:
         if i.data and ({"perplexity", "kl"} & set(needed)):
             self.sequences = D.load_sequences(i.data, tokenizer, text_field=i.text_field, prompt_field=i.prompt_field,
                                               answer_field=i.answer_field, max_len=i.max_len,
-                                              max_samples=i.max_samples, split=i.split)
+                                              max_samples=i.max_samples, split=i.split, store_dir=i.store_dir)
         qa_source = i.qa_data or i.data
         if "exact_match" in needed:
             self.qa = D.load_qa(qa_source, tokenizer, prompt_field=i.prompt_field, answer_field=i.answer_field,
