@@ -26,8 +26,8 @@ one reads (nothing but s is checkpointed).
 
 Scale: both keep only the record lengths (int64 [N]: 8 MB at 1M records) and the current plan window.
 Reaching step s the first time (start-up, resume) replays the packing from the stream's start: O(records
-consumed) Python work: measured 9-21 us per record on a loaded 2-core box where a bare Python loop
-iteration costs 0.3 us (benchmarks/bench_packing.py; docs/benchmarks.md), so one epoch of 1M records
+consumed) Python work: measured 9-23 us per record on a loaded 2-core box where a bare Python loop
+iteration cost 0.3-0.6 us (benchmarks/bench_packing.py; docs/benchmarks.md), so one epoch of 1M records
 replays in 10-20 s there, a few seconds on an idle host; a resume after ten such epochs pays that ten times
 once. (Checkpointing the planner's state instead would make it O(1); not needed at these rates.)
 """

@@ -48,6 +48,8 @@ class Trainer:
         self.step = 0
         self.skips = None
         self.log = None
+        self.packing = False  # data.packing, set in setup (_log_batching)
+        self.trace = InputTrace(0)  # replaced in setup with this rank's
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
