@@ -54,6 +54,9 @@ def test_overrides_are_typed():
     (["data.packing=true", "teacher_source.kind=colocated", "teacher.name_or_path=t", "weights.hidden.start=0.1",
       "intermediate.projection=conv_gate"], "data.packing=true with intermediate.projection=conv_gate"),
     (["data.packing=true", "data.pack_open_rows=0"], "data.pack_open_rows=0: must be >= 1"),
+    (["data.packing=true", "data.replay={path: r.jsonl, samples: 1, every_steps: 10}"],
+     "data.packing=true with data.replay"),
+    (["data.packing=true", "loss.cross_tokenizer=uld"], "data.packing=true with loss.cross_tokenizer=uld"),
 ])
 def test_bad_recipes_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:
