@@ -13,6 +13,7 @@ Three shapes, each from a local file (jsonl/json/parquet/arrow/csv) or a hub dat
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 
@@ -115,8 +116,6 @@ def load_sequences(source: str, tokenizer, *, text_field: str = "text", prompt_f
         raise UserError(f"eval data {source}: records have neither a text field {text_field!r} nor a prompt "
                         f"field {prompt_field!r} (fields: {', '.join(columns)}); set --text-field, "
                         "or --prompt-field and --answer-field")
-    import dataclasses
-
     spec = dataclasses.replace(spec, format=fmt)
     try:
         data = load_tokenized(source, _store_tokenizer(tokenizer), spec, max_samples)
