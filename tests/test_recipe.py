@@ -57,6 +57,8 @@ def test_overrides_are_typed():
     (["data.packing=true", "data.replay={path: r.jsonl, samples: 1, every_steps: 10}"],
      "data.packing=true with data.replay"),
     (["data.packing=true", "loss.cross_tokenizer=uld"], "data.packing=true with loss.cross_tokenizer=uld"),
+    (["data.group_by_length=true", "grading.weights={easy: 1.0, hard: 1.0}"],
+     "data.group_by_length=true is not supported with training by difficulty bucket"),
 ])
 def test_bad_recipes_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:
