@@ -26,6 +26,11 @@ if "DD_DATA_STORE" not in os.environ or os.environ.get("DD_TEST_STORE_FROM_CONFT
     os.environ["DD_DATA_STORE"] = tempfile.mkdtemp(prefix="dd-test-store-")
     os.environ["DD_TEST_STORE_FROM_CONFTEST"] = "1"
 
+# Triton kernels on CPU tensors run under the interpreter, which Triton reads when a kernel is defined: set it
+# before any test module imports the kernels (with pytest-xdist a worker's first file may be any file).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Small tensors on 2 shared cores: one intra-op thread is much faster and avoids oversubscription.
 torch.set_num_threads(1)
 

@@ -84,6 +84,7 @@ def test_resume_checks_each_shard_before_counting_it_done(tiny_world, tmp_path):
     recipe = recipe_for(tiny_world, tmp_path)
     cache_dir = tmp_path / "cache"
     manifest = build_cache(recipe, samples_per_shard=100, progress=False)
+    assert finalize_cache(cache_dir, manifest)  # a complete cache: manifest and grades.npz, as dd-cache build leaves it
     reference = files(cache_dir)
     shard = cache_dir / f"{shard_name(1)}.ddc"
     data = bytearray(shard.read_bytes())
