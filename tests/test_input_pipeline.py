@@ -1,6 +1,6 @@
 """The background input pipeline: the same inputs in the same order as producing in place, a resumed step
 number restarts it, a worker's error reaches the training thread; a training run with it on equals one with
-it off, loss for loss."""
+it off, loss for loss; a packed run reads the teacher rows an unpacked one reads, token for token."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import threading
 
 import numpy as np
-
 import pytest
+import torch
 
 from conftest import torchrun, world_overrides
 from dist_distill.data.pipeline import InputPipeline
@@ -37,44 +37,75 @@ def test_pipeline_same_values_ahead_and_restart():
     assert q.wait_s >= 0 and threads[-1] == threading.current_thread().name
 
 
+# 48-token samples: the tiny world's 15-token records leave 2/3 of an unpacked sample as padding
+SEQ = ["--set", "data.max_seq_len=48"]
+BASE = ["--set", "optim.max_steps=4", "--set", "optim.warmup_steps=1", "--set", "optim.grad_accum=2"]
+
+
+@pytest.fixture(scope="module")
+def cache48(tiny_world, tmp_path_factory):
+    """A teacher cache of the tiny world at data.max_seq_len=48, shared by this module's training runs."""
+    out = tmp_path_factory.mktemp("cache48")
+    torchrun(1, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *world_overrides(tiny_world, out / "c"),
+             "--set", f"teacher_source.cache_dir={out}/cache", *SEQ, timeout=600)
+    return out / "cache"
+
+
 @pytest.mark.slow
-def test_training_with_and_without_the_pipeline_is_identical(tiny_world, tmp_path):
-    """Three 4-step runs from one cache: unpacked with the pipeline on and off (equal, loss for loss), and packed
-    (data.packing=true, pipeline on): every target token the packed loss read carries the very teacher rows the
-    unpacked loss read for that (record, position), with less padding and more records per step."""
-    # 48-token samples: the tiny world's 15-token records leave 2/3 of an unpacked sample as padding
-    cache = ["--set", f"teacher_source.cache_dir={tmp_path}/cache", "--set", "data.max_seq_len=48"]
-    base = ["--set", "optim.max_steps=4", "--set", "optim.warmup_steps=1", "--set", "optim.grad_accum=2"]
-    torchrun(1, "dist_distill.cache", "build", "configs/tiny/distill.yaml", *world_overrides(tiny_world, tmp_path / "c"),
-             *cache, timeout=600)
-    runs, logs = {}, {}
-    for name, sets in (("on", ["data.prefetch=true"]), ("off", ["data.prefetch=false"]),
-                       ("packed", ["data.prefetch=true", "data.packing=true", "optim.micro_batch_size=4"])):
-        out = tmp_path / f"run-{name}"
-        proc = torchrun(1, "dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, out), *cache,
-                        *base, *[x for s in sets for x in ("--set", s)], timeout=900,
-                        **({"DD_INPUT_TRACE": str(tmp_path / f"trace-{name}")} if name != "off" else {}))
-        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        logs[name] = proc.stdout + proc.stderr
-    for a, b in zip(runs["on"], runs["off"], strict=True):
+def test_training_with_and_without_the_pipeline_is_identical(tiny_world, cache48, tmp_path):
+    runs = {}
+    for on in (True, False):
+        out = tmp_path / f"run-{on}"
+        torchrun(1, "dist_distill.train", "configs/tiny/distill.yaml", *world_overrides(tiny_world, out),
+                 "--set", f"teacher_source.cache_dir={cache48}", *SEQ, *BASE,
+                 "--set", f"data.prefetch={str(on).lower()}", timeout=900)
+        runs[on] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs[True], runs[False], strict=True):
         assert (a["loss"], a["grad_norm"], a["target_tokens"]) == (b["loss"], b["grad_norm"], b["target_tokens"])
         assert a["input_wait_s"] >= 0 and a["bad_rows_dropped"] == 0
 
-    assert "packing: sdpa with a 4-D block-diagonal causal mask" in logs["packed"]
-    packed, plain = runs["packed"], runs["on"]
-    assert len(packed) == len(plain) == 4 and all(math.isfinite(r["loss"]) for r in packed + plain)
-    # 4 rows of 48 tokens hold 3 records each: a quarter of the slots of 16 padded samples, little padding
-    for p, u in zip(packed, plain):
-        assert p["padding_fraction"] < 0.1 < 0.6 < u["padding_fraction"], (p["padding_fraction"], u["padding_fraction"])
-        assert p["target_tokens"] > 0.6 * u["target_tokens"]  # 24 records per step vs 32
-    rows = {name: _trace_rows(tmp_path / f"trace-{name}") for name in ("on", "packed")}
-    common = rows["on"].keys() & rows["packed"].keys()
-    assert len(common) >= 0.5 * len(rows["packed"]) and len(common) > 100, (len(common), len(rows["packed"]))
-    for key in common:
-        for a, b in zip(rows["on"][key], rows["packed"][key], strict=True):
+
+@pytest.mark.slow
+def test_packed_run_reads_the_unpacked_teacher_rows(tiny_world, cache48, tmp_path):
+    """dd-train with data.packing=true (4 rows of 48 tokens per micro-batch, pipeline on) from the cache an
+    unpacked run reads: every target token the packed loss read (DD_INPUT_TRACE) carries exactly the teacher
+    rows that CacheTeacher.signal -- the unpacked run's path -- gives that (record, position) in an unpacked
+    batch; a quarter of the token slots, little padding, losses finite."""
+    from dist_distill.data.records import IGNORE_INDEX, load_tokenized
+    from dist_distill.models.loading import load_tokenizer
+    from dist_distill.recipe import load_recipe
+    from dist_distill.teacher.cache.reader import CacheTeacher, TeacherCache
+
+    out, trace = tmp_path / "run-packed", tmp_path / "trace-packed"
+    sets = world_overrides(tiny_world, out) + ["--set", f"teacher_source.cache_dir={cache48}", *SEQ, *BASE,
+                                               "--set", "data.packing=true", "--set", "optim.micro_batch_size=4"]
+    proc = torchrun(1, "dist_distill.train", "configs/tiny/distill.yaml", *sets, timeout=900,
+                    DD_INPUT_TRACE=str(trace))
+    assert "packing: sdpa with a 4-D block-diagonal causal mask" in proc.stdout + proc.stderr
+    packed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(packed) == 4 and all(math.isfinite(r["loss"]) for r in packed)
+    assert all(r["padding_fraction"] < 0.1 for r in packed), [r["padding_fraction"] for r in packed]
+
+    rows = _trace_rows(trace)
+    recipe = load_recipe("configs/tiny/distill.yaml", [s for s in sets if s != "--set"])
+    data = load_tokenized(recipe.data.train, load_tokenizer(recipe.student, "student"), recipe.data)
+    samples = torch.tensor(sorted({s for s, _ in rows}))
+    assert len(samples) >= 8 * 3 * 2  # 4 steps x 2 micro-batches x 4 rows x 3 records, less repeats
+    unpacked = {"input_ids": data.input_ids[samples], "attention_mask": data.attention_mask[samples],
+                "targets": data.targets[samples]}
+    # the same records unpacked: two thirds padding at 48 tokens per sample
+    assert 1 - unpacked["attention_mask"].sum() / unpacked["attention_mask"].numel() > 0.6
+    signal = CacheTeacher(TeacherCache(cache48), recipe.teacher_source.top_k, torch.device("cpu")).signal(samples, unpacked)
+    where = unpacked["targets"] != IGNORE_INDEX
+    keys = zip(samples[:, None].expand_as(where)[where].tolist(), torch.arange(where.shape[1]).expand_as(where)[where].tolist())
+    want = {key: (signal.topk[0][j].numpy(), signal.topk[1][j].numpy(), signal.topk[2][j].numpy())
+            for j, key in enumerate(keys)}
+    assert rows.keys() <= want.keys() and len(rows) > 200
+    for key, got in rows.items():
+        for a, b in zip(got, want[key], strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"teacher row of (sample, position) {key}")
-    slots = {name: sum(_trace_slots(tmp_path / f"trace-{name}")) for name in ("on", "packed")}
-    assert slots["packed"] == 4 * 2 * 4 * 48 and slots["on"] == 4 * 2 * 16 * 48
+    slots = sum(_trace_slots(trace))
+    assert slots == 4 * 2 * 4 * 48  # vs 4 * 2 * 16 * 48 unpacked at micro-batch 16
 
 
 def _trace_rows(folder) -> dict:
