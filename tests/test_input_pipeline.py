@@ -37,6 +37,21 @@ def test_pipeline_same_values_ahead_and_restart():
     assert q.wait_s >= 0 and threads[-1] == threading.current_thread().name
 
 
+def test_pipeline_never_produces_ahead_past_stop():
+    """A teacher group serves steps [0, max_steps) only: a step past them would wait out the timeout."""
+    produced = []
+
+    def produce(step):
+        produced.append(step)
+        return step
+
+    p = InputPipeline(produce, background=True, stop=3)
+    assert [p.get(s) for s in range(3)] == [0, 1, 2]
+    assert p.pending is None
+    p.close()
+    assert produced == [0, 1, 2]
+
+
 # 48-token samples: the tiny world's 15-token records leave 2/3 of an unpacked sample as padding
 SEQ = ["--set", "data.max_seq_len=48"]
 BASE = ["--set", "optim.max_steps=4", "--set", "optim.warmup_steps=1", "--set", "optim.grad_accum=2"]

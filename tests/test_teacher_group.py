@@ -105,6 +105,11 @@ def test_group_teacher_checks_the_samples_it_is_sent():
     signal = teacher.signal(torch.tensor([4, 9]), {"targets": targets})
     assert torch.equal(signal.topk[0], ids) and torch.equal(signal.topk[1], logits)
     assert torch.equal(signal.log_tails, tails) and signal.tail_temperatures == (1.0,)
+    # the input pipeline's worker asks for the step it prepares (the trainer is still one step behind)
+    header, payload = pack(3, 0, torch.tensor([4, 9]), ids, logits, lse, tails)
+    teacher = GroupTeacher(roles, FakeBridge([header, payload]), 2, torch.device("cpu"), lambda: 2, 5.0)
+    signal = teacher.signal(torch.tensor([4, 9]), {"targets": targets}, step=3)
+    assert torch.equal(signal.topk[0], ids) and torch.equal(signal.topk[2], lse)
     header, payload = pack(1, 0, torch.tensor([4, 7]), ids, logits, lse, tails)
     teacher = GroupTeacher(roles, FakeBridge([header, payload]), 2, torch.device("cpu"), lambda: 1, 5.0)
     with pytest.raises(TeacherGroupError, match=r"expected step 2, micro-batch 0, samples \[4, 9\] but teacher rank 0 "

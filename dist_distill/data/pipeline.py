@@ -8,8 +8,11 @@ a step. With the pipeline off, `get` produces in the calling thread (the same va
 function of the step). `wait_s` is the time `get` spent waiting, the input-bound part of the step.
 
 One worker, one step ahead: memory is one extra step of inputs (at 8 x 4096 tokens x 4 micro-batches,
-about 3 MiB of ids plus the teacher rows). Sources that exchange messages (the teacher group) or run a
-model (colocated) stay in the training thread: their order against collectives matters.
+about 3 MiB of ids plus the teacher rows: 4 x 32768 rows x (2k + 1 + nT) fp32, 18 MiB at k=16, on
+the device). A teacher group's signals are received here too (its bridge is a process group of its
+own, so the worker's receives do not interleave with the students' collectives); `stop` keeps the
+worker from starting a step the teacher will never serve. A colocated teacher runs a model on the
+engine's device and stays in the training thread.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Any, Callable
 
 
 class InputPipeline:
-    def __init__(self, produce: Callable[[int], Any], background: bool):
-        self.produce, self.background = produce, background
+    def __init__(self, produce: Callable[[int], Any], background: bool, stop: int | None = None):
+        """`stop`: the first step never produced ahead (optim.max_steps); None: no bound."""
+        self.produce, self.background, self.stop = produce, background, stop
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dd-input") if background else None
         self.pending: tuple[int, Future] | None = None
         self.wait_s = 0.0
@@ -36,7 +40,8 @@ class InputPipeline:
                 self.cancel()
                 self.pending = (step, self.pool.submit(self.produce, step))
             out = self.pending[1].result()  # re-raises the worker's exception here
-            self.pending = (step + 1, self.pool.submit(self.produce, step + 1))
+            ahead = self.stop is None or step + 1 < self.stop
+            self.pending = (step + 1, self.pool.submit(self.produce, step + 1)) if ahead else None
         self.wait_s += time.perf_counter() - t0
         return out
 

@@ -83,13 +83,18 @@ class Trainer:
         self.replay = self._replay_schedule() if r.data.replay is not None else None
         from dist_distill.data.pipeline import InputPipeline
         from dist_distill.teacher.cache.reader import CacheTeacher
+        from dist_distill.teacher.group.client import GroupTeacher
 
-        # store reads and cache decoding one step ahead in a thread; group / colocated teachers stay here
-        self.inputs = InputPipeline(self._step_inputs, r.data.prefetch and (self.teacher is None
-                                                                         or isinstance(self.teacher, CacheTeacher)))
-        # the worker's own cache reader (its shard handles are not shared with evaluation in this thread)
-        self._input_teacher = self.teacher.for_thread() \
-            if self.inputs.background and self.teacher is not None else None
+        # store reads, cache decoding and (unpacked batches) a teacher group's receives one step ahead in a
+        # thread, never past max_steps (the group serves no further); a colocated teacher stays here
+        group = isinstance(self.teacher, GroupTeacher) and not r.data.packing
+        self.inputs = InputPipeline(self._step_inputs, r.data.prefetch and (
+            self.teacher is None or group or isinstance(self.teacher, CacheTeacher)), stop=r.optim.max_steps)
+        # the worker's own cache reader (its shard handles are not shared with evaluation in this thread); a
+        # group teacher is the worker's alone (periodic evaluation never asks a group)
+        self._input_teacher = None
+        if self.inputs.background and self.teacher is not None:
+            self._input_teacher = self.teacher if group else self.teacher.for_thread()
         self.skips = SkipGuard(self.engine, r.optim.max_consecutive_skips, self.rank)
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_partition_report()
@@ -239,7 +244,8 @@ class Trainer:
         """(micro-batch plans, CPU batches (pinned on CUDA), float64 [6] local counts, cache signals or None,
         replay micro-batches) of optimizer step `step`: no engine, no collective (data.pipeline may run it in a
         thread). counts: main target tokens, main tokens, replay target tokens, replay tokens, replay samples,
-        main token slots (padding included). A plan is the micro-batch's sample ids (int64 [micro_batch]) or,
+        main token slots (padding included). Signals: a cache's, or a teacher group's received here (its
+        own bridge group, not the engine's). A plan is the micro-batch's sample ids (int64 [micro_batch]) or,
         packed (data.packing), its PackedBatch, whose CPU batch holds input_ids, position_ids, targets and doc,
         int64 [B, L]. Replay micro-batches: [(batch, real)]; real=False is a filler row (weight 0)."""
         from dist_distill.data.batching import micro_batch_rows
@@ -269,9 +275,13 @@ class Trainer:
                                sum(int(b["attention_mask"].sum()) for b in real_replay),
                                sum(len(b["targets"]) for b in real_replay),
                                sum(b["targets"].numel() for b in batches)], dtype=torch.float64)
-        signals = None
-        if self._input_teacher is not None:
-            signals = [self._input_teacher.packed_signal(p) if self.packing else self._input_teacher.signal(p, b)
+        from dist_distill.teacher.group.client import GroupTeacher
+
+        signals, teacher = None, self._input_teacher
+        if isinstance(teacher, GroupTeacher):  # the step being prepared, not the trainer's current one
+            signals = [teacher.signal(p, b, step) for p, b in zip(micro, batches)]
+        elif teacher is not None:
+            signals = [teacher.packed_signal(p) if self.packing else teacher.signal(p, b)
                        for p, b in zip(micro, batches)]
         return micro, batches, counts, signals, replay
 

@@ -21,6 +21,12 @@ class GroupTeacher:
     Same contract as CacheTeacher: ``signal(indices, batch)`` gives TeacherSignal(topk=(ids int64
     [n, k], raw logits fp32 [n, k], lse fp32 [n]), log_tails fp32 [n, nT]) for the n target tokens
     of the batch (`temperatures`: the recipe's tail temperatures, which the teacher computes too).
+
+    Every bridge message of a student goes through one thread, in step order: with data.prefetch the
+    input pipeline's worker (data/pipeline.py) receives step s + 1's signals while step s trains, so
+    the receive, its checks and the unpacking leave the training thread; without, the training thread.
+    The bridge is gloo over CPU tensors (teacher.group): each payload lands in a host buffer (pinned on
+    CUDA), moves to `device` in one non-blocking copy and is unpacked there.
     """
 
     def __init__(self, roles: Roles, bridge, top_k: int, device, step_fn, timeout_s: float,
@@ -43,8 +49,10 @@ class GroupTeacher:
                 f"teacher_source.timeout_s={self.timeout_s:g}s: a teacher rank died or hangs; see the teacher "
                 f"ranks' log. ({str(err).splitlines()[0][:200]})") from None
 
-    def signal(self, indices: torch.Tensor, batch: dict) -> TeacherSignal:
-        step = self.step_fn()
+    def signal(self, indices: torch.Tensor, batch: dict, step: int | None = None) -> TeacherSignal:
+        """The signal of micro-batch `indices` (int64 [micro_batch]) of optimizer step `step` (0-based;
+        None: step_fn(), the trainer's current step), the micro-batches of a step taken in order."""
+        step = self.step_fn() if step is None else step
         if not self.started:
             hello = torch.tensor([MAGIC, step], dtype=torch.int64)
             wait_work(self.bridge.send([hello], self.leader, 0), self.startup_s,
@@ -69,15 +77,15 @@ class GroupTeacher:
         if rows != int(mask.sum()) or k != self.k:
             raise TeacherGroupError(f"teacher group: got {rows} rows x top-{k} for a batch with {int(mask.sum())} "
                                     f"target tokens and teacher_source.top_k={self.k}")
-        payload = torch.empty(rows, 2 * k + 1 + len(self.temperatures), dtype=torch.float32)
+        payload = torch.empty(rows, 2 * k + 1 + len(self.temperatures), dtype=torch.float32,
+                              pin_memory=self.device.type == "cuda")
         self._recv(payload, step, micro)
         wait = time.perf_counter() - t0
         if self.log:
             self.log.write(json.dumps({"step": step + 1, "micro": micro, "wait_s": wait}) + "\n")
             self.log.flush()
-        ids, logits, lse, log_tails = unpack(payload, k)
-        return TeacherSignal(topk=(ids.to(self.device), logits.to(self.device), lse.to(self.device)),
-                             log_tails=log_tails.to(self.device), tail_temperatures=self.temperatures,
+        ids, logits, lse, log_tails = unpack(payload.to(self.device, non_blocking=True), k)
+        return TeacherSignal(topk=(ids, logits, lse), log_tails=log_tails, tail_temperatures=self.temperatures,
                              source=f"teacher group (teacher rank {self.leader})")
 
 
