@@ -540,6 +540,12 @@ class Recipe:
         _check(not self.uses_term("hidden") and not self.uses_term("attention"),
                f"loss.cross_tokenizer={lo.cross_tokenizer}: the hidden and attention terms align the two models "
                "position by position, which different tokenizations do not allow; set their weights to 0")
+        _check(not self.data.augment, f"loss.cross_tokenizer={lo.cross_tokenizer} with data.augment: student and "
+               "teacher samples are paired by source record, and the augmented copies of one record would all pair "
+               "with the teacher's first one; augment the data into a file first and train on that")
+        _check(not self.uses_buckets(), f"loss.cross_tokenizer={lo.cross_tokenizer} with difficulty buckets: the "
+               "grades are indexed by the teacher's token store, not the student's; drop grading.weights and the "
+               "stages' buckets")
         teacher_metrics = [m for m in self.output.eval_metrics if m in ("kl_teacher", "top1_agreement")]
         _check(self.output.eval_every == 0 or not teacher_metrics,
                f"loss.cross_tokenizer={lo.cross_tokenizer} with output.eval_metrics {teacher_metrics}: KL to the "
@@ -644,6 +650,9 @@ class Recipe:
         from dist_distill.objective.schedules import check_bucket_weights
 
         check_edges(self.grading.edges)
+        _check(not self.uses_buckets() or self.teacher_source.kind != "group",
+               "difficulty buckets (grading.weights or stages[i].buckets) with teacher_source.kind=group: the teacher "
+               "group draws each step's samples in the plain order; use a cache or a colocated teacher")
         if self.grading.weights is not None:
             _check(not self.stages, "grading.weights is a mix for a run without stages; with stages give each stage "
                                     "its own buckets (stages[i].buckets) instead")

@@ -59,19 +59,22 @@ def test_augmented_store_streams_and_is_keyed_by_the_table(tiny_world, tmp_path,
     raw = [json.loads(line) for line in data.read_text().splitlines()]
     items = augment.expand(augment.resolve(spec), raw, 0)
     assert items == [x for k, rec in enumerate(raw) for x in augment.expand(augment.resolve(spec), [rec], k)]
-    assert [(i, v) for _, i, v in items] == [(k, v) for k in range(4) for v in ("", ".0:0", ".0:1")]
-    assert [r["prompt"] for r, _, _ in items[:3]] == ["12 34=", items[1][0]["prompt"], items[2][0]["prompt"]]
-    assert {r["prompt"] for r, _, _ in items[9:]} <= {"12 12=", "21 12=", "12 21=", "21 21="}
-    assert any(r["prompt"] != raw[i]["prompt"] for r, i, _ in items)  # p = 0.6 replaced something
+    # a copy in which nothing was replaced is not made (never a duplicate): "7 8=" has no table word
+    assert [(i, v) for _, i, v in items if v == ""] == [(k, "") for k in range(4)]  # every original kept
+    assert {(i, v) for _, i, v in items if v} <= {(k, v) for k in (0, 1, 3) for v in (".0:0", ".0:1")}
+    assert len(items) > 6  # p = 0.6 over 1-2 table words per prompt: most copies are made
+    assert all(r["prompt"] != raw[i]["prompt"] for r, i, v in items if v)
+    assert {r["prompt"] for r, i, _ in items if i == 3} <= {"12 12=", "21 12=", "12 21=", "21 21="}
 
     # the store: 1 + 2 samples per record, streamed chunk by chunk (CHUNK = 3 here: 4 chunks), same result
     # as one chunk; its tokens are the augmented records' tokens
     monkeypatch.setattr(store_mod, "CHUNK", 3)
     small = TokenStore(prepare(str(data), tok, spec, rank=0, world=1))
-    assert len(small) == 12 and small.meta["records"] == 4
-    assert np.load(small.path / "records.npy").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert len(small) == len(items) and small.meta["records"] == 4
+    assert np.load(small.path / "records.npy").tolist() == [i for _, i, _ in items]
     want = encode_batch([r for r, _, _ in items], tok, spec, "prompt_answer")
-    assert [small.tokens[small.offsets[i]:small.offsets[i + 1]].tolist() for i in range(12)] == [list(w[0]) for w in want]
+    assert [small.tokens[small.offsets[i]:small.offsets[i + 1]].tolist() for i in range(len(items))] == \
+        [list(w[0]) for w in want]
     monkeypatch.setattr(store_mod, "CHUNK", 8192)
     whole = TokenStore(prepare(str(data), tok, DataSpec(**{**spec.__dict__, "store_dir": str(tmp_path / "s2")}),
                                rank=0, world=1))

@@ -132,7 +132,7 @@ def test_bucket_mix_is_exact_per_step_resumable_and_split_free():
                            torch.cat(one.step_indices(0)))  # the seed matters
 
 
-@pytest.mark.bad_inputs(3)
+@pytest.mark.bad_inputs(4)
 def test_curriculum_stages_and_refusals(tiny_world):
     stages = [Stage("easy", 1.0, 3, buckets={"easy": 1.0}), Stage("mid", 1.0, 2, buckets={"easy": 1, "medium": 3}),
               Stage("hard", 1.0, 3, buckets={"hard": 1.0}), Stage("all", 1.0, 1)]
@@ -146,6 +146,9 @@ def test_curriculum_stages_and_refusals(tiny_world):
                        torch.cat(s.step_indices(6)))
     with pytest.raises(UserError, match=r"stages\[0\] \('x'\) draws from the 'hard' bucket, which holds no sample"):
         BucketSampler(torch.full((8,), 2, dtype=torch.int8), 4, 1, 1, 0, 3, [Stage("x", 1.0, 1, buckets={"hard": 1})])
+    # G = 4: weight 0.1 of 4 samples rounds to none at every step, so 'hard' would never be drawn
+    with pytest.raises(UserError, match=r"gives the 'hard' bucket weight 0.1, less than one of the step's 4 samples"):
+        BucketSampler(BUCKET, 4, 1, 1, 0, 3, weights={"easy": 0.9, "hard": 0.1})
     base = [s for s in world_overrides(tiny_world, tiny_world / "unused") if s != "--set"]
     with pytest.raises(UserError, match=r"stages\[0\] \('a'\).buckets: unknown bucket 'tricky'"):
         load_recipe("configs/tiny/distill.yaml", base + ["optim.max_steps=1", "optim.warmup_steps=0",

@@ -33,13 +33,17 @@ def test_first_fit():
         first_fit([9], 8)
 
 
-def test_packed_documents_match_alone(setup):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_documents_match_alone(setup, attn):
+    """sdpa takes the bool block mask; eager ADDS a 4-D mask to its scores, so it gets an additive one (a bool
+    mask there leaked across documents and into the future: 0.17 off on these logits)."""
     data, model = setup
+    model.set_attn_implementation(attn)
     samples = torch.tensor([3, 17, 0, 42, 8, 63, 21])
     packed = pack(data, samples, 48)
     assert packed.input_ids.shape[0] < len(samples)  # several documents per row
-    kwargs, line = packed.model_inputs("sdpa")
-    assert "block-diagonal" in line
+    kwargs, line = packed.model_inputs(attn)
+    assert "block-diagonal" in line and (("additive" in line) == (attn == "eager"))
     with torch.no_grad():
         logits = model(**kwargs).logits
         packed_loss, alone_loss = torch.zeros(()), torch.zeros(())
@@ -60,6 +64,15 @@ def test_packed_documents_match_alone(setup):
         # without the block mask documents would see each other: the check above is not vacuous
         leaky = model(input_ids=packed.input_ids, position_ids=packed.position_ids).logits
         assert not torch.allclose(leaky[packed.doc == 1], logits[packed.doc == 1], atol=1e-3)
+    model.set_attn_implementation("sdpa")
+
+
+def test_unsupported_attention_is_refused_for_packing():
+    from dist_distill.data.packing import packed_model_inputs
+
+    x = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention': packed batches support sdpa, eager"):
+        packed_model_inputs(x, x, x, x, "flex_attention")
 
 
 def test_packed_batch_reads_the_unpacked_teacher_rows(setup):

@@ -59,6 +59,14 @@ def test_overrides_are_typed():
     (["data.packing=true", "loss.cross_tokenizer=uld"], "data.packing=true with loss.cross_tokenizer=uld"),
     (["data.group_by_length=true", "grading.weights={easy: 1.0, hard: 1.0}"],
      "data.group_by_length=true is not supported with training by difficulty bucket"),
+    (["teacher_source.kind=group", "teacher.name_or_path=t", "grading.weights={easy: 1.0, hard: 1.0}"],
+     "difficulty buckets (grading.weights or stages[i].buckets) with teacher_source.kind=group"),
+    (["teacher.name_or_path=t", "teacher_source.kind=cache", "teacher_source.cache_dir=c", "loss.cross_tokenizer=uld",
+      "data.augment=[{fn: synonyms, table: t.tsv}]"],
+     "loss.cross_tokenizer=uld with data.augment"),
+    (["teacher.name_or_path=t", "teacher_source.kind=cache", "teacher_source.cache_dir=c", "loss.cross_tokenizer=uld",
+      "grading.weights={easy: 1.0}"],
+     "loss.cross_tokenizer=uld with difficulty buckets"),
 ])
 def test_bad_recipes_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:

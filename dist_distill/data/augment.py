@@ -2,7 +2,8 @@
 
 A recipe lists augmentations under ``data.augment`` (recipe.AugmentSpec); each is applied in order to
 every record of data.train while the store is built (data/store.py, one chunk of CHUNK records at a
-time, so a 1M -> 3M expansion holds at most CHUNK x (1 + copies) records in memory). Entry k turns each
+time, so a 1M -> 3M expansion holds at most CHUNK x the product of the entries' (keep_original + copies)
+records in memory). Entry k turns each
 record it receives into ``[record] * keep_original + [fn(record, copy=c) for c in range(copies)]``.
 
 The user hook: ``fn`` names a function as ``"package.module:function"`` or ``"path/to/file.py:function"``
@@ -102,8 +103,11 @@ def replace_synonyms(text: str, table: dict[str, list[str]], probability: float,
     return WORD.sub(sub, text)
 
 
-def synonyms(record: dict, *, rng: random.Random, copy: int, fields: list[str], table: dict, probability: float) -> dict:
-    """The built-in augmentation: synonym replacement in the string `fields` of `record`."""
+def synonyms(record: dict, *, rng: random.Random, copy: int, fields: list[str], table: dict,
+             probability: float) -> dict | None:
+    """The built-in augmentation: synonym replacement in the string `fields` of `record`; None (no sample) when
+    nothing was replaced, so a copy is never a duplicate of its original."""
+    changed = False
     for name in fields:
         value = record.get(name)
         if value is None:
@@ -111,8 +115,10 @@ def synonyms(record: dict, *, rng: random.Random, copy: int, fields: list[str], 
         if not isinstance(value, str):
             raise UserError(f"data.augment: the synonyms built-in rewrites string fields; field {name!r} is "
                             f"{type(value).__name__} (set data.augment[].fields)")
-        record[name] = replace_synonyms(value, table, probability, rng)
-    return record
+        new = replace_synonyms(value, table, probability, rng)
+        changed |= new != value
+        record[name] = new
+    return record if changed else None
 
 
 # ---- resolving the recipe's entries -----------------------------------------------------------------

@@ -14,7 +14,7 @@ whatever packing or shuffling does with it later):
     records     int64   [S]   the source record of each sample (the store's records.npy)
     meta        str (JSON)    edges, num_samples, the store's token_ids_sha256 / targets_sha256, the teacher
 
-and is bound to one store: `load_grades` refuses a file made for other data. 1M samples: 17 MB.
+and is bound to one store: `Grades.check_matches` refuses a file made for other data. 1M samples: 17 MB.
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@
 A packed batch holds rows of `max_len` tokens; each row is a run of whole samples (documents) laid end to
 end, the rest padding. Positions restart at 0 for each document, and a document attends only to itself:
 
-- sdpa / eager (and the CPU): a 4-D block-diagonal causal mask, bool [B, 1, L, L] (True = may attend),
-  which transformers uses as given when a 4-D mask is passed;
+- sdpa (and the CPU): a 4-D block-diagonal causal mask, bool [B, 1, L, L] (True = may attend), which
+  transformers uses as given when a 4-D mask is passed;
+- eager: the same mask as an additive float mask in the model's dtype (0 = may attend, dtype min = may not):
+  transformers passes a 4-D mask through unchanged and eager attention ADDS it to the scores, so a bool
+  mask there would add 1 or 0 and mask nothing;
+- any other implementation is refused (`packed_model_inputs`);
 - flash_attention_2 (CUDA): no mask at all, only position_ids; transformers sees positions that restart
   and runs the varlen kernel over the documents (its packed position_ids path). `model_inputs` says which.
 
@@ -15,7 +19,7 @@ serves a packed run. dd-train packs with data.packing=true: data/batching.py dec
 row (`PackedSampler`), `pack_rows` lays them out, `packed_model_inputs` gives each model its inputs.
 
 Memory: the 4-D mask is B * L * L bytes (8 rows of 4096: 128 MiB; eager turns it into an additive float
-mask, 4x that) and sdpa with an explicit mask cannot use its flash kernel, so its scores are materialised per
+mask, 2-4x that by dtype) and sdpa with an explicit mask cannot use its flash kernel, so its scores are materialised per
 head: fine at L <= 4096 for small students and the CPU tests, the wrong path for a 70B run at 4k. That is why
 CUDA + flash_attention_2 uses position_ids only (no L x L tensor at all). The mask is built on the device
 from `doc` (int64 [B, L]), so only B * L ids cross to the GPU, never the L x L mask.
@@ -66,9 +70,11 @@ class PackedBatch:
         """bool [B, 1, L, L]: see `block_mask`."""
         return block_mask(self.doc)
 
-    def model_inputs(self, attn_implementation: str) -> tuple[dict, str]:
-        """(kwargs for the HF model, one line for the start-up log saying how documents are kept apart)."""
-        kwargs = packed_model_inputs(self.input_ids, self.position_ids, self.doc, self.targets, attn_implementation)
+    def model_inputs(self, attn_implementation: str, dtype: torch.dtype = torch.float32) -> tuple[dict, str]:
+        """(kwargs for the HF model, one line for the start-up log saying how documents are kept apart);
+        `dtype`: the model's (eager's additive mask)."""
+        kwargs = packed_model_inputs(self.input_ids, self.position_ids, self.doc, self.targets, attn_implementation,
+                                     dtype)
         kwargs.pop("targets")
         return kwargs, attention_path(attn_implementation)
 
@@ -103,22 +109,34 @@ def attention_path(attn_implementation: str) -> str:
     if attn_implementation == "flash_attention_2":
         return ("packing: flash_attention_2 varlen over position_ids that restart per document (rows flattened to "
                 "[1, B*L], no mask)")
-    return f"packing: {attn_implementation} with a 4-D block-diagonal causal mask [B, 1, L, L] (bool)"
+    kind = "additive float" if attn_implementation == "eager" else "bool"
+    return f"packing: {attn_implementation} with a 4-D block-diagonal causal mask [B, 1, L, L] ({kind})"
+
+
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+"""Attention implementations a packed batch supports (each keeps documents apart its own way, see above)."""
 
 
 def packed_model_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor, doc: torch.Tensor, targets: torch.Tensor,
-                        attn_implementation: str) -> dict:
+                        attn_implementation: str, dtype: torch.dtype = torch.float32) -> dict:
     """Model kwargs of a packed batch (all int64 [B, L] on one device), targets included.
 
     flash_attention_2: transformers (5.x) takes its packed path only for batch size 1 (it finds the documents
     where position_ids restart: `_is_packed_sequence`), so the B rows are flattened to [1, B * L] -- input_ids,
     position_ids and targets alike; each row's padding starts its own position run, so it is one more
     "document" with no target. Target tokens keep their row-major order, hence their teacher rows.
-    Every other implementation: [B, L] with the 4-D block mask built on that device."""
+    sdpa: [B, L] with the bool 4-D block mask built on that device; eager: the same as an additive mask in
+    `dtype` (the model's: eager adds the mask to its scores). Any other implementation: ValueError."""
+    if attn_implementation not in PACKED_ATTENTION:
+        raise ValueError(f"data.packing=true with attn_implementation={attn_implementation!r}: packed batches "
+                         f"support {', '.join(PACKED_ATTENTION)}")
     if attn_implementation == "flash_attention_2":
         return {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1),
                 "attention_mask": None, "targets": targets.reshape(1, -1)}
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": block_mask(doc), "targets": targets}
+    mask = block_mask(doc)
+    if attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "targets": targets}
 
 
 def pack(data, samples: torch.Tensor, max_len: int) -> PackedBatch:

@@ -72,8 +72,10 @@ class BucketSampler:
     A pure function of (seed, step), like StepSampler, so resuming at step s needs only s. At step s the
     weights w are the stage's `buckets` (objective/schedules.py; a stage without buckets draws from every
     sample) or `weights` (a run without stages). Each step's G = world * grad_accum * micro_batch samples
-    are exactly `apportion(G, w)` per bucket -- a mix is exact at every step, a curriculum (stages with one
-    bucket each) draws only that bucket. Bucket b of stage i keeps its own endless stream of per-epoch
+    are exactly `apportion(G, w)` per bucket -- a mix is exact at every step to within one sample per
+    bucket, and that rounding is the same at every step (so over a run a share is off by up to 1/G; a bucket
+    whose weight rounds to no sample is refused), a curriculum (stages with one bucket each) draws only that
+    bucket. Bucket b of stage i keeps its own endless stream of per-epoch
     permutations of its pool (the stage's data_fraction prefix of one fixed shuffled order, the same as
     StepSampler's, restricted to b), so within a stage every sample of b is drawn once before any twice.
     The step's G draws are then shuffled by a permutation seeded by (seed, step), so every micro-batch and
@@ -121,7 +123,13 @@ class BucketSampler:
                 self._pools[key] = {"all": pool}
             else:
                 pools = {b: pool[self.bucket[pool] == self.names.index(b)] for b in weights}
+                total = self.world * self.ga * self.mb
+                counts = apportion(total, weights)
                 for b, w in weights.items():
+                    if w > 0 and counts[b] == 0:  # rounded per step, it would never be drawn
+                        raise UserError(f"{where} gives the {b!r} bucket weight {w:g}, less than one of the step's "
+                                        f"{total} samples (world x grad_accum x micro_batch_size), so it would never "
+                                        "be drawn; raise its weight or the global batch")
                     if w > 0 and len(pools[b]) == 0:
                         counts = {n: int((self.bucket[pool] == i).sum()) for i, n in enumerate(self.names)}
                         raise UserError(f"{where} draws from the {b!r} bucket, which holds no sample of the "

@@ -221,7 +221,7 @@ def _rank_world() -> tuple[int, int]:
 
 # ---- building --------------------------------------------------------------------------------------
 def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # unique across nodes too
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def write_chunk(out: Path, index: int, lines: list[bytes], meta: dict, build_sha
         if time.time() - stale.stat().st_mtime > STALE_S:  # (a live writer's exists for milliseconds)
             stale.unlink(missing_ok=True)
     if fault is not None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}.{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(data[:len(data) // 2])
             f.flush()
@@ -127,7 +128,7 @@ def merge(out: Path, num_chunks: int, build_sha: str, manifest: dict) -> bool:
         return True  # merged before (chunks are only ever published complete, so nothing can have changed)
     sides = [json.loads(sidecar_path(out, c).read_text()) for c in range(num_chunks)]
     final = out / MERGED
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    tmp = final.with_name(f".{final.name}.tmp{socket.gethostname()}.{os.getpid()}")
     digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as dst:

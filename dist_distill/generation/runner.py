@@ -107,8 +107,10 @@ def load_engine(recipe, backend: str, tokenizer, eos: list[int]):
 
     if g.device_map == "auto":
         model = load_model(recipe.teacher, "teacher", device_map="auto").eval()
-    else:
-        model = load_model(recipe.teacher, "teacher").to(local_device()).eval()
+    else:  # straight onto this rank's GPU: 8 ranks of a node never hold 8 host-RAM copies of the teacher
+        device = local_device()
+        model = (load_model(recipe.teacher, "teacher", device_map={"": device}) if device.type == "cuda" else
+                 load_model(recipe.teacher, "teacher").to(device)).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return HFEngine(model, pad, eos, g, seed, len(tokenizer))
 

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import json
 import os
+import socket
 import pickle
 import random
 import shutil
@@ -86,7 +87,7 @@ def fsync_tree(path: Path) -> None:
 def write_atomic(path: Path, data: str | bytes | list[bytes]) -> None:
     """Write `data` (text, bytes, or a list of byte buffers) to `path` via a temporary file, fsync and
     rename, then fsync the directory: a reader sees the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}.{os.getpid()}")
     parts = [data.encode()] if isinstance(data, str) else data if isinstance(data, list) else [data]
     try:
         with open(tmp, "wb") as f:

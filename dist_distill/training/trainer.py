@@ -118,6 +118,15 @@ class Trainer:
         self.student_attn = self.engine.module.student.config._attn_implementation
         lines = []
         if d.packing:
+            from dist_distill.data.packing import PACKED_ATTENTION
+
+            attns = {"student": self.student_attn}
+            if isinstance(self.teacher, ColocatedTeacher):
+                attns["colocated teacher"] = self.teacher.attn_implementation
+            for who, attn in attns.items():
+                if attn not in PACKED_ATTENTION:
+                    raise UserError(f"data.packing=true: the {who} runs attn_implementation={attn!r}; packed batches "
+                                    f"support {', '.join(PACKED_ATTENTION)}")
             lines.append(f"batching: packed rows of {d.max_seq_len} tokens, {self.recipe.optim.micro_batch_size} "
                          f"rows per micro-batch; student {attention_path(self.student_attn)}")
             if isinstance(self.teacher, ColocatedTeacher):
@@ -309,7 +318,8 @@ class Trainer:
         if isinstance(self.teacher, CacheTeacher):
             return self.teacher.packed_signal(plan)
         return self.teacher.signal(plan.samples, packed_model_inputs(
-            batch["input_ids"], batch["position_ids"], batch["doc"], batch["targets"], self.teacher.attn_implementation))
+            batch["input_ids"], batch["position_ids"], batch["doc"], batch["targets"], self.teacher.attn_implementation,
+            self.teacher.model.dtype))
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns step metrics (global, normalised)."""
@@ -330,7 +340,7 @@ class Trainer:
                 from dist_distill.data.packing import packed_model_inputs
 
                 batch = packed_model_inputs(batch["input_ids"], batch["position_ids"], batch["doc"], batch["targets"],
-                                            self.student_attn)
+                                            self.student_attn, self.engine.module.student.dtype)
             loss_sum, parts = self._micro_step(batch, teacher, settings, 1.0, m == last, bad, n_targets)
             sums[:5] += torch.stack([loss_sum] + [parts[k] for k in ("div", "ce", "hidden", "attention")]).double()
         if replay:
