@@ -208,7 +208,6 @@ class Trainer:
     def trainer_state(self) -> dict:
         """What the trainer needs besides the engine to continue exactly: the step (the data, cache
         and stage positions are pure functions of it) and the skip counters."""
-        op = self.recipe.optim
         return {"step": self.step, **self.skips.state(), "samples_seen": self._records_before(self.step),
                 "replay_samples_seen": self.replay.due(self.step) if self.replay is not None else 0}
 
