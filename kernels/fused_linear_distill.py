@@ -87,35 +87,58 @@ def fused_linear_distill_forward(hidden, weight, bias, *, teacher: DenseTeacher 
         ``(div [N], ce [N] | None, grad_h [N, H] hidden.dtype, grad_w [V, H] weight.dtype,
         grad_b [V] | None)``; gradients are those of ``sum c_div D + c_ce CE``.
     """
-    n, h = hidden.shape
-    upcast = not hidden.is_cuda and hidden.dtype != torch.float32
-    h_mm = hidden.float() if upcast else hidden
-    w_mm = weight[:vocab].float() if upcast else weight[:vocab]
-    grad_h = torch.empty_like(hidden)
-    acc_w = torch.zeros(vocab, h, dtype=torch.float32, device=hidden.device)
-    acc_b = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
+    head = ChunkedHead(hidden, weight, bias, vocab)
     divs, ces = [], []
-    for start in range(0, n, rows):
-        sl = slice(start, min(start + rows, n))
-        logits = _mm_f32(h_mm[sl], w_mm)
-        if bias is not None:
-            logits += bias[:vocab].float()
+    for start in range(0, hidden.shape[0], rows):
+        sl = slice(start, min(start + rows, hidden.shape[0]))
+        logits = head.logits(sl)
         kw = {"teacher": teacher.logits(sl)} if teacher is not None else {"topk": tuple(t[sl] for t in topk)}
         div, ce, g = run(logits, coefs=coefs.rows(sl), spec=spec, vocab=vocab, grad=logits, **kw)
         divs.append(div)
         ces.append(ce)
-        if acc_b is not None:
-            acc_b += g.sum(0)
-        if hidden.dtype != torch.float32:
-            g = g.to(hidden.dtype)  # as autograd of an unfused low-precision lm_head
-            g = g.float() if upcast else g
-        grad_h[sl] = g @ w_mm
-        _addmm_f32_(acc_w, g.T, h_mm[sl])
+        head.backward(sl, g)
         del logits, g
-    grad_w = acc_w if weight.dtype == torch.float32 and vocab == weight.shape[0] else _pad_rows(acc_w, weight)
-    grad_b = None if bias is None else _pad_rows(acc_b, bias)
     ce = torch.cat(ces) if spec.has_ce else None
-    return torch.cat(divs), ce, grad_h, grad_w, grad_b
+    return (torch.cat(divs), ce, head.grad_h, *head.weight_grads())
+
+
+class ChunkedHead:
+    """The lm_head of a chunked loss: float32 logits of a slice of rows, and the gradients accumulated chunk by
+    chunk from each chunk's float32 ``[rows, vocab]`` gradient of the logits (fused_linear_distill_forward and
+    losses.fused_uld). Holds grad_h ``[N, H]`` (hidden.dtype) and float32 accumulators ``[vocab, H]`` and
+    ``[vocab]``; on the CPU a low-precision head is computed in float32 (upcast)."""
+
+    def __init__(self, hidden, weight, bias, vocab: int):
+        self.upcast = not hidden.is_cuda and hidden.dtype != torch.float32
+        self.hidden_dtype, self.vocab, self.weight, self.bias = hidden.dtype, vocab, weight, bias
+        self.h_mm = hidden.float() if self.upcast else hidden
+        self.w_mm = weight[:vocab].float() if self.upcast else weight[:vocab]
+        self.grad_h = torch.empty_like(hidden)
+        self.acc_w = torch.zeros(vocab, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        self.acc_b = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
+
+    def logits(self, sl: slice) -> torch.Tensor:
+        """float32 ``[rows, vocab]`` logits of rows ``sl`` (a new buffer the caller may overwrite)."""
+        z = _mm_f32(self.h_mm[sl], self.w_mm)
+        if self.bias is not None:
+            z += self.bias[:self.vocab].float()
+        return z
+
+    def backward(self, sl: slice, g: torch.Tensor) -> None:
+        """Accumulate the gradients of rows ``sl`` from ``g`` (float32 ``[rows, vocab]``, d loss / d logits)."""
+        if self.acc_b is not None:
+            self.acc_b += g.sum(0)
+        if self.hidden_dtype != torch.float32:
+            g = g.to(self.hidden_dtype)  # as autograd of an unfused low-precision lm_head
+            g = g.float() if self.upcast else g
+        self.grad_h[sl] = g @ self.w_mm
+        _addmm_f32_(self.acc_w, g.T, self.h_mm[sl])
+
+    def weight_grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(grad_w ``[V, H]`` weight.dtype, grad_b ``[V]`` or None), padded back to the weight's rows."""
+        w = self.weight
+        grad_w = self.acc_w if w.dtype == torch.float32 and self.vocab == w.shape[0] else _pad_rows(self.acc_w, w)
+        return grad_w, None if self.bias is None else _pad_rows(self.acc_b, self.bias)
 
 
 def _pad_rows(acc: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -90,11 +90,9 @@ def chunk_done(out: Path, index: int, build_sha: str, check_sha: bool = False) -
 
 
 def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 16), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from dist_distill.teacher.cache.format import sha256_file
+
+    return sha256_file(path)
 
 
 def write_chunk(out: Path, index: int, lines: list[bytes], meta: dict, build_sha: str, fault=None) -> None:

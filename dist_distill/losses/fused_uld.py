@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_distill.kernels.fused_linear_distill import (DEFAULT_CHUNK_BYTES, FusedLinearDistillFunction, _addmm_f32_,
-                                                    _mm_f32, _pad_rows)
+from dist_distill.kernels.fused_linear_distill import DEFAULT_CHUNK_BYTES, ChunkedHead, FusedLinearDistillFunction
 
 ULD_BUFFERS = 5
 """float32 [rows, V] buffers alive per chunk (see the module doc); planning/memory.py reads it."""
@@ -67,13 +66,8 @@ def fused_linear_uld_forward(hidden, weight, bias, *, labels, teacher_probs, tea
         ``(loss, {"div": ULD_k sum, "ce": CE sum}, grad_h, grad_w, grad_b)`` for
         ``loss = ce_weight * sum CE + uld_weight * sum ULD_k``.
     """
-    n, h = hidden.shape
-    upcast = not hidden.is_cuda and hidden.dtype != torch.float32
-    h_mm = hidden.float() if upcast else hidden
-    w_mm = weight[:vocab].float() if upcast else weight[:vocab]
-    grad_h = torch.empty_like(hidden)
-    acc_w = torch.zeros(vocab, h, dtype=torch.float32, device=hidden.device)
-    acc_b = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
+    n = hidden.shape[0]
+    head = ChunkedHead(hidden, weight, bias, vocab)
     aligned_rows = aligned_rows.to(hidden.device)
     bounds = torch.searchsorted(aligned_rows, torch.arange(0, n + rows, rows, device=hidden.device)).tolist()
     valid = labels != ignore_index
@@ -83,9 +77,7 @@ def fused_linear_uld_forward(hidden, weight, bias, *, labels, teacher_probs, tea
     uld_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for c, start in enumerate(range(0, n, rows)):
         sl = slice(start, min(start + rows, n))
-        z = _mm_f32(h_mm[sl], w_mm)
-        if bias is not None:
-            z += bias[:vocab].float()
+        z = head.logits(sl)
         log_d = z.logsumexp(-1, keepdim=True)
         ce = log_d.squeeze(1) - z.gather(1, safe[sl, None]).squeeze(1)
         ce_sum += (ce * valid[sl]).double().sum()
@@ -98,16 +90,9 @@ def fused_linear_uld_forward(hidden, weight, bias, *, labels, teacher_probs, tea
             uld_sum += loss.double().sum()
             g.index_add_(0, local, dz.mul_(uld_weight))
             del dz
-        if acc_b is not None:
-            acc_b += g.sum(0)
-        if hidden.dtype != torch.float32:
-            g = g.to(hidden.dtype)  # as autograd of an unfused low-precision lm_head
-            g = g.float() if upcast else g
-        grad_h[sl] = g @ w_mm
-        _addmm_f32_(acc_w, g.T, h_mm[sl])
+        head.backward(sl, g)
         del z, g
-    grad_w = acc_w if weight.dtype == torch.float32 and vocab == weight.shape[0] else _pad_rows(acc_w, weight)
-    grad_b = None if bias is None else _pad_rows(acc_b, bias)
+    grad_h, (grad_w, grad_b) = head.grad_h, head.weight_grads()
     ce_sum, uld_sum = ce_sum.float(), uld_sum.float()
     loss = ce_weight * ce_sum + uld_weight * uld_sum
     return loss, {"div": uld_sum, "ce": ce_sum}, grad_h, grad_w, grad_b
