@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 # `kernels` package (transformers probes for it); launch/test.sh also sets PYTHONSAFEPATH=1
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
-# Token stores (data/store.py) of this pytest process in one temporary folder, inherited by its subprocesses,
-# instead of ~/.cache/dist_distill/token_store. Each pytest-xdist worker makes its own (the controller's
-# folder reaches the workers through the environment and is replaced there); a DD_DATA_STORE set by the
-# user before pytest is kept.
-if "DD_DATA_STORE" not in os.environ or os.environ.get("DD_TEST_STORE_FROM_CONFTEST") == "1":
+# Token stores (data/store.py) of this test session in one temporary folder, inherited by subprocesses,
+# instead of ~/.cache/dist_distill/token_store. Each pytest-xdist worker makes its own in pytest_configure
+# (the controller's folder reaches the workers through the environment). A helper script that imports this
+# module in a test's subprocess (every rank of a torchrun) keeps the folder it inherited, so its ranks
+# share one store; a DD_DATA_STORE set by the user before pytest is kept too.
+if "DD_DATA_STORE" not in os.environ:
     os.environ["DD_DATA_STORE"] = tempfile.mkdtemp(prefix="dd-test-store-")
     os.environ["DD_TEST_STORE_FROM_CONFTEST"] = "1"
 
@@ -94,6 +95,8 @@ _COUNTS = {"faults": 0, "bad_inputs": 0}
 
 
 def pytest_configure(config):
+    if hasattr(config, "workerinput") and os.environ.get("DD_TEST_STORE_FROM_CONFTEST") == "1":  # an xdist worker
+        os.environ["DD_DATA_STORE"] = tempfile.mkdtemp(prefix="dd-test-store-")
     config.addinivalue_line("markers", "faults(n): the test injects n faults and passes only if all are survived")
     config.addinivalue_line("markers", "bad_inputs(n): the test feeds n bad inputs and checks each clear error")
 
