@@ -14,7 +14,9 @@ input worker with data.prefetch, else in the training thread) from teacher-wait-
 The first `--skip` steps (start-up) are left out of the medians. `--repeat N` runs N
 cache/group pairs one after the other on the same world and cache (each pair side by side in
 time, so a load that changes between pairs shows as a spread); the load average is printed
-before each run: on a shared machine the ratio is only as good as the load was steady.
+before each run: on a shared machine the ratio is only as good as the load was steady. A run of 25
+steps varies about +-20 % between pairs on an idle 2-core box, one of 300 steps about +-10 %: for a
+verdict use `--steps 300 --skip 10 --repeat 5` (docs/benchmarks.md).
 
     .venv/bin/python benchmarks/bench_teacher_overlap.py            # tiny world, CPU, gloo
     .venv/bin/python benchmarks/bench_teacher_overlap.py --world runs/quickstart/world --steps 40

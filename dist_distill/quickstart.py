@@ -68,6 +68,13 @@ def stages(out: str, nproc: int) -> list[tuple[str, list[str]]]:
     ]
 
 
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment of every end-to-end stage (quickstart, examples/*/run.py): this one, quieter, on the CPU
+    accelerator unless DS_ACCELERATOR says otherwise, one OpenMP thread per rank (a 2-core box runs 2 ranks)."""
+    return dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+                DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", **extra)
+
+
 def run_stage(index: int, total: int, title: str, cmd: list[str], log: Path, env: dict) -> str:
     """Run one stage with its output in `log`; on failure show the log's tail and stop."""
     print(f"[{index}/{total}] {title} ...", flush=True)
@@ -91,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"configs/tiny/ not found under {ROOT}: run the quickstart from a checkout of the repository")
     out = ROOT / args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
+    env = stage_env()
     begin = time.time()
     plan = stages(args.out, args.nproc)
     for i, (title, cmd) in enumerate(plan, 1):

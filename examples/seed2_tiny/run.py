@@ -22,21 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from dist_distill.errors import run_cli
+from dist_distill.quickstart import ROOT, run_stage, stage_env, torchrun
+
 RECIPE = "configs/tiny/seed2_full.yaml"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), "-m", module, *args]
 
 
 def overrides(out: Path, teacher: str, a) -> list[str]:
@@ -147,20 +136,12 @@ def main(argv=None) -> int:
         a.steps, a.replay_samples, a.replay_every, a.buckets = 10, 3, 2, a.buckets or "hard"
     out = (ROOT / a.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    env = stage_env(PYTHONSAFEPATH="1")
     seconds, stages = {}, plan(out, a)
     for i, (title, cmd) in enumerate(stages, 1):
-        print(f"[{i}/{len(stages)}] {title} ...", flush=True)
         t0 = time.time()
-        with open(out / "logs" / f"{i}.log", "w") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            print((out / "logs" / f"{i}.log").read_text()[-6000:], file=sys.stderr)
-            print(f"stage {i} ({title}) failed with exit code {rc}", file=sys.stderr)
-            return 1
+        run_stage(i, len(stages), title, cmd, out / "logs" / f"{i}.log", env)
         seconds[title.split(":")[0]] = round(time.time() - t0, 1)
-        print(f"      done in {seconds[title.split(':')[0]]:.0f} s", flush=True)
     result = summary(out, seconds)
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "evaluation"}, indent=1))
@@ -169,4 +150,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "examples/seed2_tiny/run.py"))

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # prepare.py beside th
 import prepare  # noqa: E402
 
 from dist_distill.errors import run_cli  # noqa: E402
-from dist_distill.quickstart import ROOT, run_stage, torchrun  # noqa: E402
+from dist_distill.quickstart import ROOT, run_stage, stage_env, torchrun  # noqa: E402
 
 RECIPE = "examples/smollm2/distill.yaml"
 
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    env = stage_env(PYTHONSAFEPATH="1")
     begin = time.time()
     print("[prep] convert the GGUF teacher, make the student and the data ...", flush=True)
     teacher = prepare.convert_teacher(out / "teacher")
